@@ -1,0 +1,182 @@
+"""The ``raftune`` command. It maps flags and YAML onto the stage configs and calls the library.
+
+    raftune refine --data demo --limit 64
+    raftune refine --config refine.yaml --shard 1/4
+    raftune merge runs/refine-<hash>
+    raftune demo --out demo.jsonl
+    raftune templates --out templates.yaml
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Domain fine-tuning that keeps general abilities (RAFT).")
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _load_yaml(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise typer.BadParameter(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise typer.BadParameter(f"{path}: expected a mapping of settings")
+    return raw
+
+
+def build_config(cls, yaml_path: Optional[Path], **flags):
+    """``cls`` from the YAML file's values, overridden by the flags that were given (not None)."""
+    values = _load_yaml(yaml_path)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(values) - known:
+        raise typer.BadParameter(f"{yaml_path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+@app.command()
+def refine(
+    data: Optional[str] = typer.Option(None, help="'demo', a JSONL/JSON/CSV/Parquet file (.gz too), a datasets folder or a hub id"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of refine settings (flags override it)"),
+    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders [runs]"),
+    model: Optional[str] = typer.Option(None, help="original model: 'default', folder, .gguf or hub id"),
+    fusion_model: Optional[str] = typer.Option(None, help="fusion model [the original model]"),
+    judge: Optional[list[str]] = typer.Option(None, help="a judge (repeat for several): model spec or http(s)://host:port/v1#model"),
+    encoder: Optional[str] = typer.Option(None, help="sentence encoder [embedded all-MiniLM-L6-v2]"),
+    templates: Optional[str] = typer.Option(None, help="YAML file overriding prompt templates (see `raftune templates`)"),
+    tau: Optional[float] = typer.Option(None, help="similarity threshold [0.8, inferred]"),
+    rounds: Optional[int] = typer.Option(None, help="fusion rounds R [3, inferred]"),
+    gamma: Optional[float] = typer.Option(None, help="early-stop judge average [8, inferred]"),
+    limit: Optional[int] = typer.Option(None, help="refine only the first N training samples"),
+    batch_size: Optional[int] = typer.Option(None, help="samples per generation batch [16]"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="length cap of rewrites and fusions [256]"),
+    shard: Optional[str] = typer.Option(None, help="I/N: refine the I-th of N shards (then `raftune merge`)"),
+    seed: Optional[int] = typer.Option(None),
+    question_field: Optional[str] = typer.Option(None),
+    answer_field: Optional[str] = typer.Option(None),
+    messages_field: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps [auto]"),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16, fp32 [bf16 on CUDA, fp32 elsewhere]"),
+    concurrency: Optional[int] = typer.Option(None, help="requests in flight per remote server [8]"),
+    api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the servers' API key [RAFTUNE_API_KEY]"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Stage 1: rewrite, filter, fuse and judge a QA dataset into its fused version."""
+    from raftune.data import DataError
+    from raftune.models import ModelLoadError
+    from raftune.refine import MergeError, RefineConfig, parse_shard
+    from raftune.refine import refine as run_refine
+    from raftune.templates import TemplateError
+
+    _setup_logging(verbose)
+    try:
+        cfg = build_config(
+            RefineConfig, config, data=data, out_dir=out_dir, model=model, fusion_model=fusion_model,
+            judges=tuple(judge) if judge else None, encoder=encoder, templates=templates, tau=tau, rounds=rounds,
+            gamma=gamma, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            shard=parse_shard(shard) if shard else None, seed=seed, question_field=question_field,
+            answer_field=answer_field, messages_field=messages_field, device=device, dtype=dtype,
+            concurrency=concurrency, api_key_env=api_key_env,
+        )
+        t0 = time.perf_counter()
+        run = run_refine(cfg)
+    except (DataError, ModelLoadError, TemplateError, MergeError, ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    elapsed = time.perf_counter() - t0
+    _print_outputs(run, elapsed)
+
+
+def _print_outputs(run: Path, elapsed: float) -> None:
+    import json
+
+    summary_path = run / "summary.json"
+    if not summary_path.exists():
+        console.print(f"shard finished in {elapsed:.0f} s; records in {run}")
+        return
+    s = json.loads(summary_path.read_text())
+    console.print(
+        f"refined {s['samples']} samples in {elapsed:.0f} s: {s['accepted']} rewrites accepted "
+        f"({100 * s['acceptance_rate']:.0f}%), sources {s['chosen_source']}, "
+        f"{s['judge_scores']['unreadable']} unreadable judge replies"
+    )
+    print(f"fused data: {run / 'fused.jsonl'}")
+    print(f"provenance: {run / 'provenance.jsonl'}")
+    print(f"summary:    {summary_path}  (plots: similarity_histogram.png, judge_scores.png)")
+
+
+@app.command()
+def merge(run_dir: Path = typer.Argument(..., help="a refine run folder holding shard logs")):
+    """Join the shard logs of a refine run in the original order; fail if any sample is missing."""
+    from raftune.refine import MergeError
+    from raftune.refine import merge as run_merge
+
+    _setup_logging(False)
+    if not (run_dir / "targets.json").exists():
+        console.print(f"[red]error:[/red] {run_dir}: not a refine run folder (no targets.json)")
+        raise typer.Exit(2)
+    try:
+        run_merge(run_dir)
+    except MergeError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _print_outputs(run_dir, 0.0)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo.jsonl"), help="where to write the demo dataset")):
+    """Write the built-in demo domain (Python standard library QA) as JSONL."""
+    from raftune.demo import write_demo
+
+    n = write_demo(out)
+    print(f"wrote {n} question/answer pairs to {out}")
+
+
+@app.command("templates")
+def templates_cmd(
+    out: Optional[Path] = typer.Option(None, help="write the templates here as YAML (default: print)"),
+    templates: Optional[str] = typer.Option(None, help="show these overrides applied"),
+):
+    """Show the prompt templates (rewrite, fuse, judge); edit the YAML and pass it with --templates."""
+    from raftune.templates import dump_templates, load_templates
+
+    text = dump_templates(load_templates(templates))
+    if out:
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

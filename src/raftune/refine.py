@@ -1,0 +1,407 @@
+"""Stage 1 of RAFT: offline data refinement (paper Section 3.2, Appendices C-E.1).
+
+    raftune refine --data demo --limit 64
+
+For each training pair (x, a): the original model rewrites a in its own words with a in view (a');
+a sentence encoder keeps a' only if cos(E(a), E(a')) >= tau, else a is used as is; for kept
+samples a fusion model merges a and a' into a candidate, every judge scores the candidate's
+consistency with a (1-10), up to R rounds, keeping the best average and stopping early once the
+average reaches gamma. Output: the fused dataset plus per-sample provenance.
+
+Run folder (``<out_dir>/refine-<hash>``, the hash covering the data and every setting that changes
+the output): ``config.json``; ``heldout.jsonl`` (the test split, never refined); ``targets.json``
+(the keys to refine, in order); ``records*.jsonl`` (one provenance row per sample, appended batch
+by batch and fsynced: the resume log); and once every target is done ``fused.jsonl``,
+``summary.json`` and plots, written atomically. Killed at any point and run again with the same
+settings, it skips what the logs hold and redoes only the batch that was cut off.
+
+``--shard I/N`` refines every N-th target starting at I into ``records.shard-I-of-N.jsonl``; the
+shards may run on different machines (each with its own GPU or server) and their logs are joined
+by ``raftune merge RUN_DIR``, which restores the original order and checks that none is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raftune.data import QAExample, examples_to_rows, load_qa, split_train_test
+from raftune.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl_log, stable_hash
+from raftune.generation import Generator, SamplingParams, open_generator
+from raftune.judging import mean_score, score_with_judges
+from raftune.similarity import DEFAULT_TAU, SemanticFilter, passes
+from raftune.templates import load_templates
+
+log = logging.getLogger("raftune.refine")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    data: str = field(metadata={"help": "dataset: 'demo', a JSONL/JSON/CSV/Parquet file, a datasets folder or a hub id"})
+    out_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
+    model: str = field(default="default", metadata={"help": "the original model pi_0, which rewrites"})
+    fusion_model: str | None = field(default=None, metadata={"help": "merges original and rewrite; default: the original model"})
+    judges: tuple[str, ...] = field(default=("default",), metadata={"help": "judge backends (model specs or http(s)://.../v1#model)"})
+    encoder: str = field(default="default", metadata={"help": "sentence encoder of the semantic filter"})
+    templates: str | None = field(default=None, metadata={"help": "YAML file overriding prompt templates"})
+    tau: float = field(default=DEFAULT_TAU, metadata={"help": "similarity threshold (inferred default 0.8)"})
+    rounds: int = field(default=3, metadata={"help": "fusion rounds R (inferred default 3)"})
+    gamma: float = field(default=8.0, metadata={"help": "early-stop average judge score (inferred default 8)"})
+    judge_retries: int = field(default=2, metadata={"help": "re-asks of a judge whose reply holds no score"})
+    max_new_tokens: int = 256
+    judge_max_new_tokens: int = 24
+    rewrite_temperature: float = 0.7
+    fusion_temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    test_fraction: float = field(default=0.1, metadata={"help": "held-out share, never refined"})
+    limit: int | None = field(default=None, metadata={"help": "refine only the first N training samples"})
+    question_field: str = "question"
+    answer_field: str = "answer"
+    messages_field: str = "messages"
+    # Execution settings: they change how fast, not what (left out of the run hash).
+    batch_size: int = 16
+    shard: tuple[int, int] = (0, 1)
+    device: str | None = None
+    dtype: str | None = None
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    api_key_env: str = "RAFTUNE_API_KEY"
+
+    def __post_init__(self):
+        checks = [
+            (-1.0 <= self.tau <= 1.0, f"tau must be in [-1, 1], got {self.tau}"),
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (1 <= self.gamma <= 10, f"gamma must be in [1, 10], got {self.gamma}"),
+            (self.judge_retries >= 0, f"judge_retries must be >= 0, got {self.judge_retries}"),
+            (len(self.judges) >= 1, "at least one judge is needed"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (0 <= self.shard[0] < self.shard[1], f"shard must be I/N with 0 <= I < N, got {self.shard[0]}/{self.shard[1]}"),
+            (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        object.__setattr__(self, "judges", tuple(self.judges))
+        object.__setattr__(self, "shard", tuple(self.shard))
+
+    def output_settings(self) -> dict:
+        """The settings that determine the refined output (what the run hash covers)."""
+        skip = {"out_dir", "limit", "batch_size", "shard", "device", "dtype", "concurrency", "timeout_s", "api_key_env"}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        d["fusion_model"] = self.fusion_model or self.model
+        d["templates"] = {n: t.as_dict() for n, t in load_templates(self.templates).items()}  # content, not path
+        return d
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+# --- one batch ------------------------------------------------------------------------------------
+
+
+def refine_batch(
+    batch: list[tuple[int, QAExample]],
+    cfg: RefineConfig,
+    original: Generator,
+    fusion: Generator,
+    judges: list[Generator],
+    sem_filter: SemanticFilter,
+    templates: dict,
+) -> list[dict]:
+    """Provenance records for one batch; every generation is batched across the batch's samples."""
+    seed = cfg.seed + int(stable_hash([ex.key for _, ex in batch], 8), 16) % 2**31
+    tokens = Counter()
+    secs = Counter()
+
+    def gen(backend: Generator, prompts, temperature: float, phase: str, s: int):
+        t0 = time.perf_counter()
+        outs = backend.chat(prompts, SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, s))
+        secs[phase] += time.perf_counter() - t0
+        tokens[phase] += sum(o.completion_tokens for o in outs)
+        return outs
+
+    # --- self-conditioned rewrite a' ~ pi_0(. | x, a)
+    rw = templates["rewrite"]
+    rewrites = gen(original, [rw.render(question=ex.question, answer=ex.answer) for _, ex in batch],
+                   cfg.rewrite_temperature, "rewrite", seed)
+
+    # --- semantic filter
+    t0 = time.perf_counter()
+    has_text = [i for i, r in enumerate(rewrites) if r.text]
+    sims: list[float | None] = [None] * len(batch)
+    for i, s in zip(has_text, sem_filter.similarities([batch[i][1].answer for i in has_text],
+                                                      [rewrites[i].text for i in has_text])):
+        sims[i] = s
+    secs["filter"] += time.perf_counter() - t0
+    accepted = [s is not None and passes(s, cfg.tau) for s in sims]
+
+    # --- fusion rounds with multi-judge selection
+    candidates: list[list[dict]] = [[] for _ in batch]
+    active = [i for i, ok in enumerate(accepted) if ok]
+    fu, ju = templates["fuse"], templates["judge"]
+    for rnd in range(1, cfg.rounds + 1):
+        if not active:
+            break
+        fused = gen(fusion, [fu.render(question=batch[i][1].question, answer=batch[i][1].answer,
+                                       rewrite=rewrites[i].text) for i in active],
+                    cfg.fusion_temperature, "fusion", seed + 1000 * rnd)
+        judged = [(i, f.text) for i, f in zip(active, fused) if f.text]  # an empty fusion is not worth judging
+        t0 = time.perf_counter()
+        verdicts = score_with_judges(
+            judges,
+            [ju.render(question=batch[i][1].question, answer=batch[i][1].answer, candidate=text) for i, text in judged],
+            max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries, seed=seed + 1000 * rnd + 1,
+        )
+        secs["judge"] += time.perf_counter() - t0
+        by_index = dict(zip((i for i, _ in judged), verdicts))
+        still = []
+        for i, f in zip(active, fused):
+            vs = by_index.get(i, [])
+            mean = mean_score(vs)
+            candidates[i].append({
+                "round": rnd, "text": f.text, "finish_reason": f.finish_reason, "mean": mean,
+                "verdicts": [dataclasses.asdict(v) for v in vs],
+            })
+            if mean is None or mean < cfg.gamma:
+                still.append(i)
+        active = still
+
+    # --- choose and record
+    n = len(batch)
+    records = []
+    for i, (index, ex) in enumerate(batch):
+        scored = [c for c in candidates[i] if c["mean"] is not None]
+        best = max(scored, key=lambda c: (c["mean"], -c["round"])) if scored else None
+        if not accepted[i]:
+            source, chosen = "original_filtered", ex.answer
+        elif best is None:
+            source, chosen = "original_unjudged", ex.answer  # no judge could score any candidate
+        else:
+            source, chosen = "fused", best["text"]
+        records.append({
+            "key": ex.key, "index": index, "question": ex.question, "answer": ex.answer,
+            "rewrite": rewrites[i].text, "rewrite_finish_reason": rewrites[i].finish_reason,
+            "similarity": sims[i], "accepted": accepted[i], "candidates": candidates[i],
+            "rounds_used": len(candidates[i]),
+            "early_stop": best is not None and best["mean"] >= cfg.gamma,
+            "best_mean": best["mean"] if best else None, "chosen_round": best["round"] if best else None,
+            "chosen_source": source, "chosen": chosen,
+            # batch phases split evenly over the batch's samples
+            "timings_s": {k: round(v / n, 4) for k, v in secs.items()},
+            "generated_tokens": {k: round(v / n, 1) for k, v in tokens.items()},
+        })
+    return records
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def run_dir_for(cfg: RefineConfig, train: list[QAExample]) -> Path:
+    ident = stable_hash({"settings": cfg.output_settings(), "data": [ex.key for ex in train]}, 12)
+    return Path(cfg.out_dir) / f"refine-{ident}"
+
+
+def _load_records(run: Path, own_log: Path | None = None) -> list[dict]:
+    """All record logs of the run. Only ``own_log`` (held under our lock) has a cut-off last line
+    repaired; another shard's log may be mid-write, so its partial line is just skipped."""
+    rows = []
+    for path in sorted(run.glob("records*.jsonl")):
+        rows.extend(read_jsonl_log(path, repair=path == own_log))
+    return rows
+
+
+def refine(cfg: RefineConfig, progress: bool = True) -> Path:
+    """Refine ``cfg.data`` (its training split) and return the run folder."""
+    # --- data
+    examples, report = load_qa(cfg.data, question_field=cfg.question_field, answer_field=cfg.answer_field,
+                               messages_field=cfg.messages_field)
+    log.info(report.describe())
+    train, heldout = split_train_test(examples, cfg.test_fraction, cfg.seed)
+    run = run_dir_for(cfg, train)
+    run.mkdir(parents=True, exist_ok=True)
+    targets = train[: cfg.limit] if cfg.limit else train
+    atomic_write_json(run / "config.json", {**dataclasses.asdict(cfg), "resolved": cfg.output_settings(),
+                                            "data_report": dataclasses.asdict(report)})
+    atomic_write_json(run / "targets.json", [ex.key for ex in targets])
+    if not (run / "heldout.jsonl").exists():
+        atomic_write_jsonl(run / "heldout.jsonl", examples_to_rows(heldout))
+
+    i_shard, n_shards = cfg.shard
+    suffix = "" if n_shards == 1 else f".shard-{i_shard}-of-{n_shards}"
+    records_path = run / f"records{suffix}.jsonl"
+    with open(records_path, "a") as lock:  # one process per log: a second one would write twice
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process dies, even by SIGKILL
+        except BlockingIOError:
+            raise RuntimeError(f"another process is writing {records_path}; wait for it or use another shard") from None
+        done = {r["key"] for r in _load_records(run, own_log=records_path)}
+        mine = [(i, ex) for i, ex in enumerate(targets) if i % n_shards == i_shard]
+        todo = [(i, ex) for i, ex in mine if ex.key not in done]
+        log.info("%s: %d targets in this shard, %d already done, %d to do", run, len(mine), len(mine) - len(todo), len(todo))
+        if todo:
+            _refine_loop(cfg, todo, len(mine), records_path, run)
+
+    if _all_done(run):
+        merge(run)
+    else:
+        log.info("shard %d/%d done; once every shard is, join them with: raftune merge %s", i_shard, n_shards, run)
+    return run
+
+
+def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from raftune.models import load_encoder
+
+    opts = dict(batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, api_key_env=cfg.api_key_env,
+                concurrency=cfg.concurrency, timeout_s=cfg.timeout_s)
+    original = open_generator(cfg.model, **opts)
+    fusion = open_generator(cfg.fusion_model or cfg.model, **opts)
+    judges = [open_generator(j, **opts) for j in cfg.judges]
+    sem_filter = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device))
+    templates = load_templates(cfg.templates)
+
+    columns = [TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    t_start, n_done = time.perf_counter(), 0
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("refine", total=n_total, completed=n_total - len(todo), rate="")
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            t0 = time.perf_counter()
+            records = refine_batch(batch, cfg, original, fusion, judges, sem_filter, templates)
+            append_jsonl(records_path, records)  # the batch is durable before it counts as done
+            dt = time.perf_counter() - t0
+            n_done += len(batch)
+            rate = n_done / (time.perf_counter() - t_start) * 60
+            append_jsonl(run / "metrics.jsonl", [{
+                "time": time.time(), "shard": list(cfg.shard), "batch": len(batch), "seconds": round(dt, 3),
+                "samples_per_min": round(len(batch) / dt * 60, 2), "accepted": sum(r["accepted"] for r in records),
+            }])
+            bar.update(task, advance=len(batch), rate=f"{rate:.1f}/min")
+
+
+def _all_done(run: Path) -> bool:
+    targets = json.loads((run / "targets.json").read_text())
+    done = {r["key"] for r in _load_records(run)}
+    return all(k in done for k in targets)
+
+
+# --- merge and summary ----------------------------------------------------------------------------
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+def merge(run: str | Path) -> dict:
+    """Join the run's record logs in target order into ``fused.jsonl`` (question, fused
+    answer, original answer), ``provenance.jsonl`` (the full records) and the summary; fail, naming the missing keys, if any target has no record."""
+    run = Path(run)
+    targets = json.loads((run / "targets.json").read_text())
+    by_key: dict[str, dict] = {}
+    duplicates = 0
+    for r in _load_records(run):
+        if r["key"] in by_key:
+            duplicates += 1  # possible only if two processes ran the same shard without the lock
+            continue
+        by_key[r["key"]] = r
+    missing = [k for k in targets if k not in by_key]
+    if missing:
+        raise MergeError(f"{run}: {len(missing)} of {len(targets)} samples have no record yet "
+                         f"(first: {missing[:3]}); run the missing shards, then merge again")
+    records = [by_key[k] for k in targets]
+    atomic_write_jsonl(run / "fused.jsonl", [
+        {"key": r["key"], "question": r["question"], "answer": r["chosen"], "original_answer": r["answer"],
+         "source": r["chosen_source"]} for r in records])
+    atomic_write_jsonl(run / "provenance.jsonl", records)
+    summary = summarize(records)
+    summary["duplicate_records_ignored"] = duplicates
+    summary["run_dir"] = str(run)
+    atomic_write_json(run / "summary.json", summary)
+    cfg = json.loads((run / "config.json").read_text())
+    plot_summary(records, summary, cfg["tau"], run)
+    return summary
+
+
+def summarize(records: list[dict]) -> dict:
+    n = len(records)
+    sims = [r["similarity"] for r in records if r["similarity"] is not None]
+    verdict_scores = [v["score"] for r in records for c in r["candidates"] for v in c["verdicts"]]
+    readable = [s for s in verdict_scores if s is not None]
+    sample_seconds = sum(sum(r["timings_s"].values()) for r in records)
+    edges = [round(-1 + 0.1 * i, 1) for i in range(21)]
+    return {
+        "samples": n,
+        "accepted": sum(r["accepted"] for r in records),
+        "acceptance_rate": round(sum(r["accepted"] for r in records) / n, 4) if n else 0.0,
+        "similarity": {
+            "mean": round(sum(sims) / len(sims), 4) if sims else None,
+            "histogram": {"edges": edges, "counts": _histogram(sims, edges)},
+            "no_rewrite": n - len(sims),
+        },
+        "judge_scores": {
+            "verdicts": len(verdict_scores), "unreadable": len(verdict_scores) - len(readable),
+            "distribution": {str(k): v for k, v in sorted(Counter(round(s) for s in readable).items())},
+            "best_mean_per_sample": [r["best_mean"] for r in records],
+        },
+        "rounds_used": {str(k): v for k, v in sorted(Counter(r["rounds_used"] for r in records).items())},
+        "early_stops": sum(r["early_stop"] for r in records),
+        "chosen_source": dict(Counter(r["chosen_source"] for r in records)),
+        "generated_tokens": round(sum(sum(r["generated_tokens"].values()) for r in records)),
+        "throughput_samples_per_min": round(n / sample_seconds * 60, 2) if sample_seconds else None,
+    }
+
+
+def _histogram(values: list[float], edges: list[float]) -> list[int]:
+    counts = [0] * (len(edges) - 1)
+    for v in values:
+        b = min(max(int((v - edges[0]) / (edges[1] - edges[0])), 0), len(counts) - 1)
+        counts[b] += 1
+    return counts
+
+
+def plot_summary(records: list[dict], summary: dict, tau: float, run: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sims = [r["similarity"] for r in records if r["similarity"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(sims, bins=summary["similarity"]["histogram"]["edges"], color="#4c72b0")
+    ax.axvline(tau, color="#c44e52", linestyle="--", label=f"tau = {tau}")
+    ax.set_xlabel("cos(E(original), E(rewrite))")
+    ax.set_ylabel("samples")
+    ax.set_title(f"Semantic filter: {summary['accepted']}/{summary['samples']} accepted")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "similarity_histogram.png", dpi=120)
+    plt.close(fig)
+
+    dist = summary["judge_scores"]["distribution"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].bar([int(k) for k in dist], list(dist.values()), color="#55a868")
+    axes[0].set_xticks(range(1, 11))
+    axes[0].set_xlabel("judge score")
+    axes[0].set_ylabel("verdicts")
+    axes[0].set_title(f"Judge scores ({summary['judge_scores']['unreadable']} unreadable)")
+    rounds = summary["rounds_used"]
+    axes[1].bar([int(k) for k in rounds], list(rounds.values()), color="#8172b2")
+    axes[1].set_xlabel("fusion rounds used (0: filtered out)")
+    axes[1].set_ylabel("samples")
+    fig.tight_layout()
+    fig.savefig(run / "judge_scores.png", dpi=120)
+    plt.close(fig)

