@@ -1,7 +1,7 @@
 """The built-in demo domain: question-answer pairs about the Python standard library.
 
-    python -m raftune.demo demo.jsonl     # write the pairs as JSONL
-    raftune ... --data demo               # or load them through ``data.load_qa("demo")``
+    raftune demo --out demo.jsonl        # write the pairs as JSONL (or: python -m raftune.demo demo.jsonl)
+    raftune refine --data demo           # stages read them through ``data.load_qa("demo")``
 
 The pairs are made from text every machine with Python already has: the docstrings of a fixed list of
 standard-library modules. For each public function, class and public method of a public class that
@@ -10,31 +10,39 @@ and the answer is the first paragraph of its docstring, whitespace-normalised, a
 signature ("`textwrap.dedent(text)`: Remove any common leading whitespace from every line in ...").
 
 The content depends on the Python minor version (docstrings and signatures change between 3.11 and
-3.12); on one version the output is identical from run to run: everything is walked in sorted order
-and the only choice (the question template) is made by hashing the object's name. A module missing
-from a stripped-down build is skipped. Under ``python -OO`` docstrings are gone, so ``build_demo``
-refuses to run.
+3.12, about 1,600 pairs on 3.11); on one version the output is identical from run to run and from
+machine to machine: the modules are ones whose text does not depend on the platform, everything is
+walked in sorted order, and the only choice (the question template) is made by hashing the object's
+name. A module missing from a stripped-down build is skipped.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
-
-from raftune.files import atomic_write_jsonl, stable_hash
 
 # Modules whose docstrings do not depend on the platform (no os, shutil, subprocess; hashlib depends
 # on the OpenSSL build). Pure Python or C accelerators that ship with every CPython.
 MODULES = sorted([
-    "argparse", "base64", "bisect", "calendar", "cmath", "collections", "collections.abc",
-    "colorsys", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email.utils", "enum", "fnmatch", "fractions", "functools", "glob", "graphlib",
-    "gzip", "heapq", "hmac", "html", "html.parser", "inspect", "ipaddress", "itertools", "json",
-    "keyword", "math", "numbers", "operator", "pathlib", "pprint", "queue", "random", "re",
-    "secrets", "shlex", "statistics", "string", "struct", "tarfile", "textwrap", "tokenize",
-    "types", "typing", "unicodedata", "urllib.parse", "uuid", "weakref", "zipfile", "zlib",
+    "abc", "argparse", "array", "ast", "base64", "bdb", "binascii", "bisect", "calendar", "cmath",
+    "cmd", "code", "codecs", "collections", "collections.abc", "colorsys", "configparser",
+    "contextlib", "contextvars", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib",
+    "dis", "doctest", "email.header", "email.headerregistry", "email.message", "email.utils",
+    "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib", "functools", "getopt",
+    "gettext", "glob", "graphlib", "gzip", "heapq", "hmac", "html", "html.parser", "http.client",
+    "http.cookiejar", "http.cookies", "imaplib", "inspect", "ipaddress", "itertools", "json",
+    "keyword", "linecache", "logging", "mailbox", "math", "mimetypes", "numbers", "operator",
+    "optparse", "pathlib", "pickle", "pickletools", "plistlib", "poplib", "pprint", "pstats",
+    "queue", "quopri", "random", "re", "reprlib", "sched", "secrets", "shlex", "smtplib",
+    "statistics", "string", "struct", "symtable", "tarfile", "textwrap", "threading", "timeit",
+    "tokenize", "tomllib", "traceback", "tracemalloc", "types", "typing", "unicodedata",
+    "unittest", "urllib.parse", "urllib.robotparser", "uuid", "warnings", "wave", "weakref",
+    "xml.dom.minidom", "xml.etree.ElementTree", "xml.sax.saxutils", "zipfile", "zlib", "zoneinfo",
 ])
 
 MIN_CHARS, MAX_CHARS = 40, 700
@@ -53,6 +61,8 @@ CLASS_TEMPLATES = (
 
 # A first line like "log(x, [base=math.e])" or "S.find(sub) -> int": a signature, not a description.
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)\s*(->.*)?$")
+# "S.remove(value) -- remove first occurrence of value." (collections.abc): drop the signature part.
+_SIGNATURE_PREFIX = re.compile(r"^\w\.\w+\([^)]*\)( -> [^-]*)? -- ")
 _GENERIC_DOCS = {object.__doc__, type.__doc__}
 
 
@@ -70,7 +80,7 @@ def first_paragraph(doc: str | None) -> str | None:
             paragraph.append(line)
         elif paragraph:
             break
-    text = " ".join(" ".join(paragraph).split())
+    text = _SIGNATURE_PREFIX.sub("", " ".join(" ".join(paragraph).split()))
     if not text or _SIGNATURE_LINE.match(text) or text.startswith(">>>"):
         return None
     return text
@@ -119,20 +129,20 @@ def _methods(cls) -> list[tuple[str, object, bool]]:
 
 
 def _doc_of(raw) -> str | None:
-    return getattr(raw, "__func__", raw).__doc__
+    if isinstance(raw, (classmethod, staticmethod)):
+        raw = raw.__func__
+    doc = getattr(raw, "__doc__", None)
+    return doc if isinstance(doc, str) else None
 
 
-def _record(module: str, name: str, doc: str, sig: str, is_class: bool) -> dict:
-    full = f"{module}.{name}"
+def _question(full_name: str, is_class: bool) -> str:
     templates = CLASS_TEMPLATES if is_class else FUNCTION_TEMPLATES
-    question = templates[int(stable_hash(full), 16) % len(templates)].format(name=full)
-    return {"question": question, "answer": f"`{full}{sig}`: {doc}", "id": full, "module": module,
-            "name": name}
+    pick = int(hashlib.sha256(full_name.encode("utf-8")).hexdigest(), 16) % len(templates)
+    return templates[pick].format(name=full_name)
 
 
-def build_demo() -> list[dict]:
-    """The demo pairs, records {"question", "answer", "id", "module", "name"}; "id" is the dotted
-    name ("pathlib.PurePath.with_suffix") and unique."""
+def walk_stdlib() -> list[dict]:
+    """The pairs, from the modules as they are in this interpreter (see ``build_demo``)."""
     if sys.flags.optimize >= 2:
         raise RuntimeError("the demo domain is built from docstrings, which python -OO strips")
     records: list[dict] = []
@@ -143,7 +153,9 @@ def build_demo() -> list[dict]:
         if doc is None or not MIN_CHARS <= len(doc) <= MAX_CHARS or doc in seen_docs:
             return
         seen_docs.add(doc)
-        records.append(_record(module, name, doc, sig, is_class))
+        full = f"{module}.{name}"
+        records.append({"question": _question(full, is_class), "answer": f"`{full}{sig}`: {doc}",
+                        "id": full, "module": module, "name": name})
 
     for module_name in MODULES:
         try:
@@ -153,6 +165,8 @@ def build_demo() -> list[dict]:
         classes = []
         for name in _public_names(module):
             obj = getattr(module, name, None)
+            if getattr(obj, "__module__", None) == "builtins" or getattr(obj, "__name__", name) != name:
+                continue  # typing.Text is str, array.ArrayType is array.array: skip the aliases
             if inspect.isclass(obj):
                 add(module_name, name, obj, _signature(obj, drop_self=False), is_class=True)
                 classes.append((name, obj))
@@ -165,8 +179,28 @@ def build_demo() -> list[dict]:
     return records
 
 
+def build_demo() -> list[dict]:
+    """The demo pairs, records {"question", "answer", "id", "module", "name"}; "id" is the dotted
+    name ("pathlib.PurePath.with_suffix"), unique.
+
+    The walk runs in a fresh interpreter (``python -I -S``, standard library only): libraries patch
+    the standard library when imported (torch replaces ``inspect.getfile``, transformers adds methods
+    to ``logging.Logger``), so walking this process would give a set that depends on what was
+    imported before.
+    """
+    code = "import json, runpy, sys; json.dump(runpy.run_path(sys.argv[1])['walk_stdlib'](), sys.stdout)"
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, __file__],
+                          capture_output=True, text=True, encoding="utf-8")
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the demo domain failed:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
 def write_demo(path: str | Path) -> int:
     """Write the demo pairs to ``path`` as JSONL; returns how many."""
+    # Imported here: the walk runs this file in an interpreter that has only the standard library.
+    from raftune.files import atomic_write_jsonl
+
     records = build_demo()
     atomic_write_jsonl(path, records)
     return len(records)

@@ -251,7 +251,7 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
         todo = [(i, ex) for i, ex in mine if ex.key not in done]
         log.info("%s: %d targets in this shard, %d already done, %d to do", run, len(mine), len(mine) - len(todo), len(todo))
         if todo:
-            _refine_loop(cfg, todo, len(mine), records_path, run)
+            _refine_loop(cfg, todo, len(mine), records_path, run, progress)
 
     if _all_done(run):
         merge(run)
@@ -260,7 +260,7 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
     return run
 
 
-def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path) -> None:
+def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path, progress: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from raftune.models import load_encoder
@@ -276,7 +276,7 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
     columns = [TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     t_start, n_done = time.perf_counter(), 0
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("refine", total=n_total, completed=n_total - len(todo), rate="")
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]

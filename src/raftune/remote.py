@@ -6,7 +6,9 @@ a connection error, a time-out, HTTP 429 or 5xx is retried with exponential back
 (at least the server's ``Retry-After``); other 4xx answers mean the request itself is wrong, so the
 call raises ``RemoteError`` with the server's message. A request still failing after its retries
 becomes ``Completion(finish_reason="error", error=...)`` so one bad request does not sink a batch;
-but when no request of a call gets through because the server cannot be reached, the call raises.
+but when no request of a call gets through because the server cannot be reached, the call raises
+(and stops sending once a request has used up its retries on connection errors before any other
+succeeded, rather than waiting out the retries of the whole batch).
 
 The API key is read from the environment variable named by ``api_key_env`` and sent as a bearer
 token; it is kept out of ``repr``, log lines and error messages.

@@ -1,0 +1,144 @@
+"""Stage 1 end to end: on a tiny random model (plumbing, resume, shards) and on the real embedded model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raftune.files import read_jsonl_log
+from raftune.refine import MergeError, RefineConfig, merge, refine
+
+
+def write_qa(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"question": f"What does function_{i} do?",
+                                "answer": f"function_{i} returns the {i}-th prime number of the list."}) + "\n")
+    return path
+
+
+def tiny_cfg(tmp_path, model, data, **kw) -> RefineConfig:
+    base = dict(data=str(data), out_dir=str(tmp_path / "runs"), model=str(model), judges=(str(model),),
+                tau=-1.0, rounds=2, max_new_tokens=8, judge_max_new_tokens=4, judge_retries=1,
+                batch_size=4, test_fraction=0.25, device="cpu")
+    base.update(kw)
+    return RefineConfig(**base)
+
+
+def test_refine_end_to_end_on_tiny_model(tmp_path, tiny_model_dir):
+    data = write_qa(tmp_path / "qa.jsonl", 12)
+    run = refine(tiny_cfg(tmp_path, tiny_model_dir, data), progress=False)
+
+    targets = json.loads((run / "targets.json").read_text())
+    fused = [json.loads(l) for l in (run / "fused.jsonl").read_text().splitlines()]
+    heldout = [json.loads(l) for l in (run / "heldout.jsonl").read_text().splitlines()]
+    prov = [json.loads(l) for l in (run / "provenance.jsonl").read_text().splitlines()]
+    assert len(targets) == 9 and len(heldout) == 3
+    assert [r["key"] for r in fused] == targets == [r["key"] for r in prov]
+    assert not {r["question"] for r in heldout} & {r["question"] for r in fused}
+    for r in prov:
+        assert r["accepted"] == (r["similarity"] is not None)  # tau=-1 accepts every non-empty rewrite
+        if r["accepted"]:
+            assert 1 <= r["rounds_used"] <= 2 and len(r["candidates"]) == r["rounds_used"]
+        for c in r["candidates"]:
+            for v in c["verdicts"]:
+                assert v["score"] is None or 1 <= v["score"] <= 10
+        # a random model's judge replies are unreadable: never silently scored
+        if r["chosen_source"] == "fused":
+            assert r["best_mean"] is not None and r["chosen"] in [c["text"] for c in r["candidates"]]
+        else:
+            assert r["chosen"] == r["answer"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["samples"] == 9
+    assert summary["judge_scores"]["verdicts"] == sum(len(c["verdicts"]) for r in prov for c in r["candidates"])
+    assert (run / "similarity_histogram.png").stat().st_size > 1000
+    assert (run / "judge_scores.png").stat().st_size > 1000
+    config = json.loads((run / "config.json").read_text())
+    assert config["resolved"]["templates"]["rewrite"]["user"]
+
+    # same settings again: nothing to do, same folder, same output
+    before = (run / "fused.jsonl").read_text()
+    assert refine(tiny_cfg(tmp_path, tiny_model_dir, data), progress=False) == run
+    assert (run / "fused.jsonl").read_text() == before
+    # a setting that changes the output gives another folder; an execution setting does not
+    assert refine(tiny_cfg(tmp_path, tiny_model_dir, data, tau=0.5), progress=False) != run
+    assert tiny_cfg(tmp_path, tiny_model_dir, data, batch_size=2).output_settings() == \
+        tiny_cfg(tmp_path, tiny_model_dir, data).output_settings()
+
+
+def test_shards_merge_in_original_order_and_missing_ones_are_named(tmp_path, tiny_model_dir):
+    data = write_qa(tmp_path / "qa.jsonl", 10)
+    runs = {refine(tiny_cfg(tmp_path, tiny_model_dir, data, shard=(i, 3), test_fraction=0.0), progress=False)
+            for i in (0, 2)}
+    assert len(runs) == 1
+    run = runs.pop()
+    assert not (run / "fused.jsonl").exists()
+    with pytest.raises(MergeError, match="3 of 10 samples have no record"):
+        merge(run)
+    refine(tiny_cfg(tmp_path, tiny_model_dir, data, shard=(1, 3), test_fraction=0.0), progress=False)
+    fused = [json.loads(l) for l in (run / "fused.jsonl").read_text().splitlines()]
+    questions = [json.loads(l)["question"] for l in data.read_text().splitlines()]
+    assert [r["question"] for r in fused] == questions
+    assert sorted(p.name for p in run.glob("records*.jsonl")) == [f"records.shard-{i}-of-3.jsonl" for i in range(3)]
+
+
+def test_kill_and_resume_loses_nothing_and_repeats_nothing(tmp_path, tiny_model_dir):
+    """SIGKILL a real `raftune refine` process mid-run, start it again: every sample exactly once."""
+    data = write_qa(tmp_path / "qa.jsonl", 40)
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "raftune", "refine", "--data", str(data), "--out-dir", str(out),
+           "--model", str(tiny_model_dir), "--judge", str(tiny_model_dir), "--tau", "-1", "--rounds", "3",
+           "--max-new-tokens", "24", "--batch-size", "2", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    log_rows = 0
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(out.glob("refine-*/records.jsonl"))
+        log_rows = logs[0].read_bytes().count(b"\n") if logs else 0
+        if log_rows >= 4:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before it could be killed:\n{proc.stdout.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = next(out.glob("refine-*"))
+    targets = json.loads((run / "targets.json").read_text())
+    partial = read_jsonl_log(run / "records.jsonl", repair=False)
+    assert 4 <= len(partial) < len(targets) and not (run / "fused.jsonl").exists()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "fused data:" in done.stdout
+    log = read_jsonl_log(run / "records.jsonl")
+    keys = [r["key"] for r in log]
+    assert sorted(keys) == sorted(targets) and len(keys) == len(set(keys)) == 36
+    assert [r for r in log if r["key"] in {p["key"] for p in partial}] == partial  # kept, not redone
+    fused = [json.loads(l)["key"] for l in (run / "fused.jsonl").read_text().splitlines()]
+    assert fused == targets
+
+
+@pytest.mark.slow
+def test_refine_a_few_demo_samples_with_the_embedded_model(tmp_path):
+    """The real thing on CPU: SmolLM2-135M-Instruct rewrites, fuses and judges 4 demo samples."""
+    cfg = RefineConfig(data="demo", out_dir=str(tmp_path), limit=4, batch_size=4, max_new_tokens=96,
+                       rounds=2, tau=0.5, device="cpu")
+    run = refine(cfg, progress=False)
+    prov = [json.loads(l) for l in (run / "provenance.jsonl").read_text().splitlines()]
+    assert len(prov) == 4
+    for r in prov:
+        assert r["rewrite"].strip() and r["rewrite"] != r["answer"]
+        assert -1 <= r["similarity"] <= 1
+    # the real model relates its rewrites to the originals far better than chance
+    assert sum(r["similarity"] for r in prov) / 4 > 0.4
+    verdicts = [v for r in prov for c in r["candidates"] for v in c["verdicts"]]
+    assert verdicts, "no sample passed tau=0.5: the rewrites are unrelated to the answers"
+    assert any(v["score"] is not None for v in verdicts), [v["reply"] for v in verdicts]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["samples"] == 4 and summary["throughput_samples_per_min"] > 0
