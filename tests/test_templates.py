@@ -5,8 +5,8 @@ from raftune.templates import DEFAULT_TEMPLATES, TemplateError, dump_templates, 
 
 def test_defaults_render_values_verbatim():
     msgs = DEFAULT_TEMPLATES["judge"].render(question="Q {x}?", answer="A}", candidate="C{")
-    assert msgs[0]["role"] == "system" and msgs[-1]["role"] == "user"
-    assert "Q {x}?" in msgs[-1]["content"] and "A}" in msgs[-1]["content"] and "C{" in msgs[-1]["content"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert "Q {x}?" in msgs[1]["content"] and "A}" in msgs[1]["content"] and "C{" in msgs[1]["content"]
 
 
 def test_dump_and_load_roundtrip(tmp_path):
@@ -44,3 +44,12 @@ def test_bad_template_files_name_the_file_and_problem(tmp_path, body, message):
 def test_missing_template_file():
     with pytest.raises(TemplateError, match="no such template file"):
         load_templates("/nonexistent/t.yaml")
+
+
+def test_reply_prefix_opens_the_assistant_turn(tmp_path):
+    msgs = DEFAULT_TEMPLATES["judge"].render(question="q", answer="a", candidate="c")
+    assert msgs[-1] == {"role": "assistant", "content": "Score:"}
+    path = tmp_path / "t.yaml"
+    path.write_text("judge:\n  user: '{question}{answer}{candidate}'\n  reply_prefix: 'Rating:'\n  colour: red\n")
+    with pytest.raises(TemplateError, match=r"unknown field\(s\) \['colour'\]"):
+        load_templates(path)

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Domain fine-tuning that keeps general abilities (RAFT).")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break a path or message across lines
 
 
 def _setup_logging(verbose: bool) -> None:

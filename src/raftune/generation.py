@@ -76,8 +76,13 @@ class LocalGenerator:
     def _chat_batch(self, conversations: Sequence[Messages], params: SamplingParams, offset: int) -> list[Completion]:
         tok = self.tokenizer
         tok.padding_side = "left"  # generation continues from the right edge of every row
+        prefixes = [c[-1]["content"] if c[-1]["role"] == "assistant" else None for c in conversations]
+        cont = prefixes[0] is not None  # a reply prefix: continue the assistant turn instead of opening one
+        if any((p is not None) != cont for p in prefixes):
+            raise ValueError("either every conversation of a call ends with an assistant reply prefix or none does")
         enc = tok.apply_chat_template(
-            list(conversations), add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+            list(conversations), add_generation_prompt=not cont, continue_final_message=cont, padding=True,
+            return_tensors="pt", return_dict=True,
         ).to(self.model.device)
         if params.seed is not None:
             torch.manual_seed(params.seed + offset)  # each batch of a call draws its own, reproducible stream
@@ -94,13 +99,14 @@ class LocalGenerator:
         new_BT = gen[:, enc["input_ids"].shape[1] :].cpu()  # (B, T_new)
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         results = []
-        for row, n_prompt in zip(new_BT.tolist(), prompt_lens):
+        for row, n_prompt, prefix in zip(new_BT.tolist(), prompt_lens, prefixes):
             n, reason = len(row), "length"
             for i, t in enumerate(row):
                 if t in self.eos_ids:
                     n, reason = i, "stop"
                     break
-            text = tok.decode(row[:n], skip_special_tokens=True).strip()
+            text = tok.decode(row[:n], skip_special_tokens=True)
+            text = (prefix + text if prefix else text).strip()
             results.append(Completion(text, int(n_prompt), n, reason))
         return results
 

@@ -158,6 +158,11 @@ class OpenAIChatGenerator:
     # --- requests ------------------------------------------------------------------------------
 
     def _body(self, messages: Messages, params: SamplingParams, index: int) -> dict[str, Any]:
+        if messages and messages[-1]["role"] == "assistant":
+            # A reply prefix (templates.PromptTemplate.reply_prefix) is a local-backend nicety: chat
+            # servers do not agree on how to continue an assistant turn, so it is left out here and
+            # the prompt's own instruction asks for the format.
+            messages = messages[:-1]
         body: dict[str, Any] = {
             "model": self.model,
             "messages": list(messages),

@@ -2,7 +2,8 @@
 
 The paper's rewrite, fusion and judge prompts are not in its text; the ones below are ours. Print
 them with ``raftune templates``, edit the YAML it writes, and pass it back with ``--templates``:
-a file may override any subset of the names. Placeholders use ``str.format`` syntax; literal braces
+a file may override any subset of the names. A template has a ``user`` message, an optional ``system`` message and an optional
+``reply_prefix`` that opens the model's reply. Placeholders use ``str.format`` syntax; literal braces
 in a template are written ``{{`` and ``}}``. Values (questions, answers) are never parsed as templates.
 """
 from __future__ import annotations
@@ -21,6 +22,9 @@ class PromptTemplate:
     name: str
     user: str
     system: str | None = None
+    # Opens the model's reply (local backends continue it; remote ones drop it). A small judge
+    # that is made to start with "Score:" answers with a number far more often.
+    reply_prefix: str | None = None
 
     def fields(self) -> set[str]:
         return {f for part in (self.system or "", self.user) for _, f, _, _ in string.Formatter().parse(part) if f}
@@ -30,10 +34,12 @@ class PromptTemplate:
         if self.system:
             msgs.append({"role": "system", "content": self.system.format(**values)})
         msgs.append({"role": "user", "content": self.user.format(**values)})
+        if self.reply_prefix:
+            msgs.append({"role": "assistant", "content": self.reply_prefix})
         return msgs
 
     def as_dict(self) -> dict:
-        return {"system": self.system, "user": self.user}
+        return {"system": self.system, "user": self.user, "reply_prefix": self.reply_prefix}
 
 
 # Which placeholders each template must use (the stage fills exactly these).
@@ -78,6 +84,7 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
             "important missing? Rate it from 1 (contradicts or unrelated) to 10 (fully consistent). "
             "Reply with one line: Score: <number from 1 to 10>"
         ),
+        reply_prefix="Score:",
     ),
 }
 
@@ -120,12 +127,16 @@ def load_templates(path: str | Path | None = None) -> dict[str, PromptTemplate]:
     for name, body in raw.items():
         if not isinstance(body, dict) or not isinstance(body.get("user"), str):
             raise TemplateError(f"{path}: template '{name}': field 'user' must be a string")
-        system = body.get("system")
-        if system is not None and not isinstance(system, str):
-            raise TemplateError(f"{path}: template '{name}': field 'system' must be a string")
-        templates[name] = validate(PromptTemplate(name=name, user=body["user"], system=system), str(path))
+        for opt in ("system", "reply_prefix"):
+            if body.get(opt) is not None and not isinstance(body[opt], str):
+                raise TemplateError(f"{path}: template '{name}': field '{opt}' must be a string")
+        if unknown := set(body) - {"system", "user", "reply_prefix"}:
+            raise TemplateError(f"{path}: template '{name}': unknown field(s) {sorted(unknown)}")
+        templates[name] = validate(
+            PromptTemplate(name=name, user=body["user"], system=body.get("system"), reply_prefix=body.get("reply_prefix")),
+            str(path))
     return templates
 
 
 def dump_templates(templates: dict[str, PromptTemplate]) -> str:
-    return yaml.safe_dump({n: t.as_dict() for n, t in templates.items()}, sort_keys=False, allow_unicode=True, width=100)
+    return yaml.safe_dump({n: {k: v for k, v in t.as_dict().items() if v is not None} for n, t in templates.items()}, sort_keys=False, allow_unicode=True, width=100)

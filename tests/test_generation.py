@@ -1,0 +1,51 @@
+"""The local backend: batching with left padding must not change what each sample gets."""
+import pytest
+
+from raftune.generation import LocalGenerator, SamplingParams, open_generator
+from raftune.models import load_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    return model, tok
+
+
+CONVS = [[{"role": "user", "content": "Hi"}],
+         [{"role": "user", "content": "A much longer question that needs many more tokens than the first one"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    model, tok = tiny
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    batched = LocalGenerator(model, tok, "tiny", batch_size=3).chat(CONVS, params)
+    single = LocalGenerator(model, tok, "tiny", batch_size=1).chat(CONVS, params)
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in single]
+    assert batched[1].prompt_tokens > batched[0].prompt_tokens
+    assert all(c.completion_tokens <= 12 for c in batched)
+
+
+def test_seeded_sampling_repeats(tiny):
+    model, tok = tiny
+    gen = LocalGenerator(model, tok, "tiny", batch_size=2)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
+    assert [c.text for c in gen.chat(CONVS, params)] == [c.text for c in gen.chat(CONVS, params)]
+
+
+def test_reply_prefix_is_continued_and_kept(tiny):
+    model, tok = tiny
+    gen = LocalGenerator(model, tok, "tiny")
+    convs = [c + [{"role": "assistant", "content": "Score:"}] for c in CONVS]
+    out = gen.chat(convs, SamplingParams(max_new_tokens=4))
+    assert all(c.text.startswith("Score:") for c in out)
+    with pytest.raises(ValueError, match="reply prefix"):
+        gen.chat([convs[0], CONVS[1]], SamplingParams(max_new_tokens=4))
+
+
+def test_open_generator_shares_one_instance_per_spec(tiny_model_dir):
+    a = open_generator(str(tiny_model_dir), device="cpu")
+    assert open_generator(str(tiny_model_dir), device="cpu") is a
+    with pytest.raises(ValueError):
+        SamplingParams(max_new_tokens=0)
