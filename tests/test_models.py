@@ -4,7 +4,13 @@ import os
 import pytest
 import torch
 
-from raftune.models import ModelLoadError, load_model_and_tokenizer, pick_device, pick_dtype, resolve_model_path
+from raftune.models import (
+    ModelLoadError,
+    load_model_and_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model_path,
+)
 
 
 def test_dtype_defaults_and_overrides():

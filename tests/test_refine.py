@@ -142,3 +142,24 @@ def test_refine_a_few_demo_samples_with_the_embedded_model(tmp_path):
     assert any(v["score"] is not None for v in verdicts), [v["reply"] for v in verdicts]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["samples"] == 4 and summary["throughput_samples_per_min"] > 0
+
+
+@pytest.mark.slow
+def test_judges_can_be_local_and_remote_together(tmp_path, tiny_model_dir, llama_url, monkeypatch):
+    """Original and fusion model local, one judge local and one a real OpenAI-compatible server."""
+    from conftest import KEY, KEY_ENV
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    data = write_qa(tmp_path / "qa.jsonl", 5)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, data, judges=(str(tiny_model_dir), llama_url),
+                   api_key_env=KEY_ENV, test_fraction=0.0, rounds=1, judge_max_new_tokens=12)
+    run = refine(cfg, progress=False)
+    prov = [json.loads(l) for l in (run / "provenance.jsonl").read_text().splitlines()]
+    judged = [c for r in prov for c in r["candidates"] if c["verdicts"]]
+    assert judged
+    for c in judged:
+        names = [v["judge"] for v in c["verdicts"]]
+        assert names[0] == str(tiny_model_dir) and names[1].startswith(llama_url + "#")
+        remote = c["verdicts"][1]
+        assert remote["reply"] and not remote["reply"].startswith("<error")  # the server answered
+    assert KEY not in "".join(p.read_text() for p in run.iterdir() if p.suffix in (".json", ".jsonl"))

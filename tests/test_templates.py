@@ -1,6 +1,11 @@
 import pytest
 
-from raftune.templates import DEFAULT_TEMPLATES, TemplateError, dump_templates, load_templates
+from raftune.templates import (
+    DEFAULT_TEMPLATES,
+    TemplateError,
+    dump_templates,
+    load_templates,
+)
 
 
 def test_defaults_render_values_verbatim():

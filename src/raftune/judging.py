@@ -49,6 +49,7 @@ class Verdict:
     score: float | None  # None: unreadable after all retries
     reply: str  # the last reply seen
     attempts: int
+    completion_tokens: int  # over all attempts
 
 
 def score_with_judges(
@@ -64,6 +65,7 @@ def score_with_judges(
     verdicts: list[list[Verdict]] = [[None] * len(judges) for _ in prompts]  # type: ignore[list-item]
     for j, judge in enumerate(judges):
         pending = list(range(len(prompts)))
+        spent = [0] * len(prompts)
         for attempt in range(1, retries + 2):
             temperature = 0.0 if attempt == 1 else retry_temperature
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 7919 * attempt)
@@ -71,7 +73,9 @@ def score_with_judges(
             still = []
             for i, reply in zip(pending, replies):
                 score = parse_score(reply.text)
-                verdicts[i][j] = Verdict(judge.name, score, reply.text if not reply.error else f"<error: {reply.error}>", attempt)
+                spent[i] += reply.completion_tokens
+                text = reply.text if not reply.error else f"<error: {reply.error}>"
+                verdicts[i][j] = Verdict(judge.name, score, text, attempt, spent[i])
                 if score is None:
                     still.append(i)
             pending = still

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raftune.data import QAExample, examples_to_rows, load_qa, split_train_test
-from raftune.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl_log, stable_hash
+from raftune.files import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl_log,
+    stable_hash,
+)
 from raftune.generation import Generator, SamplingParams, open_generator
 from raftune.judging import mean_score, score_with_judges
 from raftune.similarity import DEFAULT_TAU, SemanticFilter, passes
@@ -165,6 +171,7 @@ def refine_batch(
             max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries, seed=seed + 1000 * rnd + 1,
         )
         secs["judge"] += time.perf_counter() - t0
+        tokens["judge"] += sum(v.completion_tokens for vs in verdicts for v in vs)
         by_index = dict(zip((i for i, _ in judged), verdicts))
         still = []
         for i, f in zip(active, fused):
@@ -184,7 +191,9 @@ def refine_batch(
     for i, (index, ex) in enumerate(batch):
         scored = [c for c in candidates[i] if c["mean"] is not None]
         best = max(scored, key=lambda c: (c["mean"], -c["round"])) if scored else None
-        if not accepted[i]:
+        if sims[i] is None:
+            source, chosen = "original_no_rewrite", ex.answer  # empty rewrite, or its request failed
+        elif not accepted[i]:
             source, chosen = "original_filtered", ex.answer
         elif best is None:
             source, chosen = "original_unjudged", ex.answer  # no judge could score any candidate
@@ -261,7 +270,14 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
 
 
 def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path, progress: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from raftune.models import load_encoder
 
