@@ -3,6 +3,8 @@
     raftune refine --data demo --limit 64
     raftune refine --config refine.yaml --shard 1/4
     raftune merge runs/refine-<hash>
+    raftune train --data runs/refine-<hash>/fused.jsonl --method raft --lora --max-steps 100
+    raftune run --config configs/demo.yaml
     raftune demo --out demo.jsonl
     raftune templates --out templates.yaml
 """
@@ -91,11 +93,8 @@ def refine(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Stage 1: rewrite, filter, fuse and judge a QA dataset into its fused version."""
-    from raftune.data import DataError
-    from raftune.models import ModelLoadError
-    from raftune.refine import MergeError, RefineConfig, parse_shard
+    from raftune.refine import RefineConfig, parse_shard
     from raftune.refine import refine as run_refine
-    from raftune.templates import TemplateError
 
     _setup_logging(verbose)
     try:
@@ -109,7 +108,7 @@ def refine(
         )
         t0 = time.perf_counter()
         run = run_refine(cfg)
-    except (DataError, ModelLoadError, TemplateError, MergeError, ValueError, RuntimeError) as e:
+    except _stage_errors() as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     elapsed = time.perf_counter() - t0
@@ -150,6 +149,100 @@ def merge(run_dir: Path = typer.Argument(..., help="a refine run folder holding 
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     _print_outputs(run_dir, 0.0)
+
+
+def _overrides(items: Optional[list[str]]) -> dict:
+    """--set key=value (value parsed as YAML: 1e-4, true, null, [a, b]); dotted keys nest."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def _stage_errors() -> tuple:
+    from raftune.data import DataError
+    from raftune.models import ModelLoadError
+    from raftune.refine import MergeError
+    from raftune.templates import TemplateError
+
+    return (DataError, ModelLoadError, TemplateError, MergeError, ValueError, RuntimeError, FloatingPointError)
+
+
+@app.command()
+def train(
+    data: Optional[str] = typer.Option(None, help="training data: a refine run's fused.jsonl or any QA source"),
+    method: Optional[str] = typer.Option(None, help="raft, sft or onpolicy [raft]"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of train settings (flags override it)"),
+    model: Optional[str] = typer.Option(None, help="the model to tune (also the frozen teacher) [default]"),
+    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders [runs]"),
+    lora: Optional[bool] = typer.Option(None, "--lora/--full", help="LoRA adapters (teacher = adapters off) or full fine-tuning"),
+    max_steps: Optional[int] = typer.Option(None),
+    epochs: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    eval_data: Optional[str] = typer.Option(None, help="held-out QA data for the domain loss"),
+    device: Optional[str] = typer.Option(None),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="any other setting: --set top_k=256 (repeatable)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Stage 2: adaptive on-policy distillation (raft) and its special cases (sft, onpolicy)."""
+    from raftune.train import TrainConfig
+    from raftune.train import train as run_train
+
+    _setup_logging(verbose)
+    try:
+        cfg = build_config(TrainConfig, config, **_overrides(set_), data=data, method=method, model=model,
+                           out_dir=out_dir, lora=lora, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
+                           grad_accum=grad_accum, lr=lr, eval_data=eval_data, device=device)
+        run = run_train(cfg)
+    except _stage_errors() as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    print(f"model:   {run / 'model'}")
+    print(f"metrics: {run / 'metrics.jsonl'}  (plot: {run / 'training_curves.png'})")
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(None, help="YAML with sections refine, train, methods"),
+    data: Optional[str] = typer.Option(None, help="dataset (refine.data)"),
+    limit: Optional[int] = typer.Option(None, help="refine and train on the first N training samples (refine.limit)"),
+    method: Optional[list[str]] = typer.Option(None, help="a method to train (repeatable) [raft]"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="any setting: --set train.max_steps=20 (repeatable)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Refine, then train every method on the result and report the held-out domain loss."""
+    from raftune.pipeline import RunConfig, run_pipeline
+
+    _setup_logging(verbose)
+    try:
+        raw = _deep_update(_load_yaml(config), _overrides(set_))
+        if data is not None or limit is not None:
+            raw["refine"] = {**(raw.get("refine") or {}), **({"data": data} if data else {}), **({"limit": limit} if limit else {})}
+        if method:
+            raw["methods"] = list(method)
+        cfg = RunConfig.from_dict(raw)
+        result = run_pipeline(cfg)
+    except (*_stage_errors(), TypeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    print(f"refine: {result['refine_dir']}")
+    for m, r in result["methods"].items():
+        print(f"{m}: held-out domain loss {r['base_domain_loss']:.4f} (base) -> {r['domain_loss']:.4f}; model {r['model']}")
 
 
 @app.command()

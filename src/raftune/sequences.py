@@ -1,0 +1,125 @@
+"""Token sequences for training: the student's prompts and answers, and the teacher's inputs.
+
+Student: the question in the model's chat format, with the generation prompt; the answer follows
+as plain tokens and ends with the end-of-turn token the model itself emits when it stops.
+
+Teacher (paper Appendix H): the plain-text pieces
+    "Background reference knowledge:" + reference + "\\nAnswer the question based on the reference
+    knowledge:\\n" + question + "\\nAnswer:"
+each tokenized WITHOUT special tokens and concatenated as token lists, followed by the student's
+trajectory tokens. The ``chat`` variant puts the same reference text into a chat-formatted user
+turn instead; the ``none`` variant gives the teacher the student's own prompt (on-policy
+distillation with an unconditioned teacher).
+
+The reference is never cut silently: it has an explicit budget of ``max_reference_tokens``; a
+longer one is cut to its first tokens and the cut is reported to the caller, which counts it.
+
+Alignment: for trajectory token t (0-based) of sample i, the logits that predict it sit at position
+``start_i + t - 1`` of each model's input, where ``start_i`` is the length of that model's context
+(prompt for the student, context for the teacher). ``trajectory_positions`` gives these indices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+APPENDIX_H = ("Background reference knowledge:", "\nAnswer the question based on the reference knowledge:\n", "\nAnswer:")
+TEACHER_CONTEXTS = ("appendix_h", "chat", "none")
+
+
+def _plain(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt_ids(tok, question: str, system: str | None = None) -> list[int]:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def end_of_turn_id(tok, model_config=None) -> int:
+    """The token that ends the model's reply: generation config's EOS if given, else the tokenizer's."""
+    eos = getattr(model_config, "eos_token_id", None) if model_config is not None else None
+    if isinstance(eos, list):
+        eos = eos[0]
+    return eos if eos is not None else tok.eos_token_id
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    ids: list[int]
+    reference_truncated: bool
+
+
+def teacher_context_ids(tok, mode: str, question: str, reference: str | None, student_prompt: list[int],
+                        max_reference_tokens: int, system: str | None = None) -> TeacherContext:
+    """The teacher's input before the trajectory, in one of ``TEACHER_CONTEXTS``."""
+    if mode == "none":
+        return TeacherContext(list(student_prompt), False)
+    if reference is None:
+        raise ValueError(f"teacher context {mode!r} needs a reference answer")
+    ref = _plain(tok, reference)
+    truncated = len(ref) > max_reference_tokens
+    ref = ref[:max_reference_tokens]
+    if mode == "appendix_h":
+        pre, mid, suf = APPENDIX_H
+        return TeacherContext(_plain(tok, pre) + ref + _plain(tok, mid) + _plain(tok, question) + _plain(tok, suf), truncated)
+    if mode == "chat":
+        pre, mid, _ = APPENDIX_H
+        content = pre + tok.decode(ref) + mid + question
+        return TeacherContext(chat_prompt_ids(tok, content, system), truncated)
+    raise ValueError(f"unknown teacher context {mode!r}; use one of {TEACHER_CONTEXTS}")
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_BT, attention_mask_BT) with every sequence left-aligned."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def answer_batch(tok, prompts: list[list[int]], answers: list[str], eot_id: int, max_len: int, pad_id: int):
+    """Prompt + answer + end-of-turn, right-padded, for cross-entropy on the answer tokens.
+
+    Returns (ids_BT, attention_mask_BT, labels_BT, label_mask_BT, n_truncated): ``labels[:, t]`` is
+    the token predicted by the logits at position t (already shifted); ``label_mask`` marks answer
+    tokens. Sequences longer than ``max_len`` lose answer tokens from the end (counted).
+    """
+    seqs, starts, truncated = [], [], 0
+    for p, a in zip(prompts, answers):
+        s = p + _plain(tok, a) + [eot_id]
+        if len(s) > max_len:
+            s, truncated = s[:max_len], truncated + 1
+        if len(s) <= len(p):
+            raise ValueError(f"max_len={max_len} leaves no answer token after a prompt of {len(p)} tokens")
+        seqs.append(s)
+        starts.append(len(p))
+    ids, attn = pad_right(seqs, pad_id)
+    labels = torch.full_like(ids, 0)
+    labels[:, :-1] = ids[:, 1:]
+    label_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        label_mask[i, start - 1 : len(s) - 1] = True  # position t predicts token t+1: answer tokens start at `start`
+    return ids, attn, labels, label_mask, truncated
+
+
+def trajectory_batch(contexts: list[list[int]], traj_BL: torch.Tensor, traj_mask_BL: torch.Tensor, pad_id: int):
+    """Context + trajectory per sample, right-padded, and where the logits for each trajectory token sit.
+
+    Returns (ids_BT, attention_mask_BT, pos_BL): ``pos[i, t]`` is the position whose logits predict
+    ``traj[i, t]`` (context length + t - 1). Masked trajectory tokens (after EOS) are not fed.
+    """
+    seqs = []
+    for ctx, row, m in zip(contexts, traj_BL.tolist(), traj_mask_BL.tolist()):
+        seqs.append(ctx + [t for t, keep in zip(row, m) if keep])
+    ids, attn = pad_right(seqs, pad_id)
+    L = traj_BL.shape[1]
+    starts = torch.tensor([len(c) for c in contexts]).unsqueeze(1)  # (B, 1)
+    pos = starts - 1 + torch.arange(L).unsqueeze(0)  # (B, L)
+    pos = torch.minimum(pos, torch.full_like(pos, ids.shape[1] - 1))  # masked tail: any valid index
+    return ids, attn, pos

@@ -1,0 +1,479 @@
+"""Stage 2 of RAFT: adaptive on-policy distillation, and the methods that are special cases of it.
+
+    raftune train --data runs/refine-<hash>/fused.jsonl --method raft --lora
+    accelerate launch -m raftune train --config train.yaml        # several GPUs (DDP)
+
+One training function serves every method; a method is a choice of loss terms, data and teacher
+context (``METHODS``), not a subclass:
+
+    raft      CE on the fused answers + lambda * top-K KL on the student's own trajectories, the
+              teacher (frozen original model) given the fused answer as context (Appendix H),
+              lambda from bias-corrected EMAs of both losses (paper Eq. 11-12)
+    sft       CE on the answers only
+    onpolicy  KL only, teacher given the student's own prompt
+
+Ablations are settings: ``kl_lambda`` (a fixed lambda), ``top_k: null`` (full-vocabulary KL),
+``teacher_context`` (``appendix_h``, ``chat`` or ``none``), ``kl_direction`` (forward, reverse).
+
+A step, in the order of the method: batch; rollout (the student samples trajectories); student
+forward on prompt + fused answer (CE); student forward on prompt + trajectory and teacher forward on
+context + trajectory under no_grad (KL); lambda; optimizer step; log. Losses follow one rule: sum over
+valid tokens, divided by the number of valid tokens of the whole optimizer step.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from raftune import losses
+from raftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from raftune.data import QAExample, load_qa
+from raftune.files import append_jsonl, atomic_write_json, stable_hash
+from raftune.rollout import RolloutConfig, sample_trajectories
+from raftune.sequences import TEACHER_CONTEXTS, answer_batch, chat_prompt_ids, end_of_turn_id, teacher_context_ids, trajectory_batch
+
+log = logging.getLogger("raftune.train")
+
+
+@dataclass(frozen=True)
+class Method:
+    ce: bool
+    kl: bool
+    teacher_context: str = "appendix_h"
+
+
+METHODS = {
+    "raft": Method(ce=True, kl=True, teacher_context="appendix_h"),
+    "sft": Method(ce=True, kl=False),
+    "onpolicy": Method(ce=False, kl=True, teacher_context="none"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = field(metadata={"help": "training data: a fused.jsonl from `raftune refine`, or any QA source"})
+    method: str = field(default="raft", metadata={"help": f"one of {sorted(METHODS)}"})
+    model: str = "default"
+    out_dir: str = "runs"
+    answer_field: str = field(default="answer", metadata={"help": "CE targets (fused.jsonl: answer = fused, original_answer = original)"})
+    reference_field: str | None = field(default=None, metadata={"help": "teacher's reference answer; default: answer_field"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out QA data for the domain loss (e.g. heldout.jsonl)"})
+    eval_limit: int | None = 64
+    eval_every: int = 0  # steps; 0: only before and after training
+    # --- optimisation (paper 4.1: AdamW, weight decay 0.01, 3 epochs, batch 16, bf16)
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float | None = field(default=None, metadata={"help": "default 1e-5 full fine-tuning (inferred), 2e-4 LoRA"})
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_len: int = 1024
+    # --- LoRA (peft)
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    merge_lora: bool = True
+    # --- rollouts and distillation
+    rollout_max_new_tokens: int = 128
+    rollout_temperature: float = 1.0
+    rollout_top_p: float = 1.0
+    rollout_fast: str = "auto"
+    top_k: int | None = field(default=512, metadata={"help": "teacher's top-K (paper: 512); null: full vocabulary"})
+    kl_temperature: float = field(default=1.0, metadata={"help": "T (inferred default 1.0)"})
+    kl_direction: str = "forward"
+    kl_lambda: float | None = field(default=None, metadata={"help": "fixed lambda; null: EMA-balanced (raft)"})
+    ema_decay: float = 0.9
+    ema_eps: float = field(default=1e-8, metadata={"help": "inferred"})
+    teacher_context: str | None = field(default=None, metadata={"help": f"{TEACHER_CONTEXTS}; default: the method's"})
+    max_reference_tokens: int = 1024
+    loss_chunk: int = field(default=64, metadata={"help": "sequence positions per chunk of the LM head and losses"})
+    teacher_device: str | None = None
+    teacher_dtype: str | None = None
+    # --- bookkeeping
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+    tensorboard: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    name: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null, got {self.top_k}"),
+            (self.kl_temperature > 0, f"kl_temperature must be > 0, got {self.kl_temperature}"),
+            (self.kl_direction in ("forward", "reverse"), f"kl_direction must be forward or reverse, got {self.kl_direction!r}"),
+            (self.teacher_context in (None, *TEACHER_CONTEXTS), f"teacher_context must be one of {TEACHER_CONTEXTS}"),
+            (0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (self.schedule in ("cosine", "linear", "constant"), f"schedule must be cosine, linear or constant"),
+            (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be > 0"),
+            (self.rollout_max_new_tokens >= 1, "rollout_max_new_tokens must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def spec(self) -> Method:
+        m = METHODS[self.method]
+        return dataclasses.replace(m, teacher_context=self.teacher_context or m.teacher_context)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-5)
+
+
+# --- model set-up -----------------------------------------------------------------------------------
+
+
+def build_models(cfg: TrainConfig, device: torch.device):
+    """(student, teacher_fn, tokenizer). The teacher is the frozen original model: with LoRA, the same
+    weights with the adapters switched off (no second copy); otherwise a frozen copy."""
+    from raftune.models import load_model_and_tokenizer, pick_device, pick_dtype
+
+    # fp32 master weights; on CUDA the forward runs under bf16 autocast (accelerate's mixed precision)
+    model, tok = load_model_and_tokenizer(cfg.model, device=str(device), dtype=cfg.dtype or "fp32")
+    model.config.use_cache = False
+    teacher = None
+    if cfg.spec.kl and not cfg.lora:
+        tdev = pick_device(cfg.teacher_device or str(device))
+        teacher = copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype)).eval().requires_grad_(False)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
+    return model, teacher, tok
+
+
+def _hidden(model, ids, attn):
+    """Final (normed) hidden states (B, T, D); logits for one position only, to skip the full LM head."""
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def _lm_head(model):
+    model = getattr(model, "module", model)  # DDP wrapper
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def _gather(h_BTD, pos_BL):
+    return h_BTD.gather(1, pos_BL.unsqueeze(-1).expand(-1, -1, h_BTD.shape[-1]))  # (B, L, D)
+
+
+@torch.no_grad()
+def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len: int, eot: int) -> float:
+    """Mean cross-entropy per answer token of ``examples`` (the held-out domain loss)."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = examples[s : s + batch_size]
+        prompts = [chat_prompt_ids(tok, ex.question, ex.system) for ex in batch]
+        ids, attn, labels, lmask, _ = answer_batch(tok, prompts, [ex.answer for ex in batch], eot, max_len, tok.pad_token_id)
+        h = _hidden(model, ids.to(device), attn.to(device))
+        ce = losses.chunked_token_ce(h, _lm_head(model), labels.to(device), lmask.to(device))
+        total += float(ce.sum())
+        n += int(lmask.sum())
+    model.train(was)
+    return total / max(n, 1)
+
+
+# --- the training function --------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    from accelerate import Accelerator
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import get_scheduler
+
+    from raftune.models import pick_device
+
+    acc = Accelerator(cpu=pick_device(cfg.device).type == "cpu",
+                      mixed_precision="bf16" if torch.cuda.is_available() and cfg.device != "cpu" else "no")
+    torch.manual_seed(cfg.seed)
+    spec = cfg.spec
+
+    # --- data
+    ref_field = cfg.reference_field or cfg.answer_field
+    train_set, report = load_qa(cfg.data, answer_field=cfg.answer_field)
+    refs = {ex.key: ex.answer for ex in load_qa(cfg.data, answer_field=ref_field)[0]} if ref_field != cfg.answer_field else None
+    eval_set = load_qa(cfg.eval_data, limit=cfg.eval_limit)[0] if cfg.eval_data else []
+    ident = stable_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "tensorboard", "name")}, 10)
+    run = Path(cfg.out_dir) / (cfg.name or f"train-{cfg.method}-{ident}")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "config.json", {**dataclasses.asdict(cfg), "learning_rate": cfg.learning_rate,
+                                            "data_report": dataclasses.asdict(report)})
+
+    # --- models, optimizer, schedule
+    model, teacher, tok = build_models(cfg, acc.device)
+    eot = end_of_turn_id(tok, model.generation_config if hasattr(model, "generation_config") else None)
+    eos_ids = {eot, tok.eos_token_id}
+    micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * acc.num_processes))
+    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    balancer = losses.EMABalancer(cfg.ema_decay, cfg.ema_eps)
+    state = {"step": 0, "micro": 0, "bad_in_a_row": 0, "truncated_references": 0, "truncated_answers": 0}
+
+    # --- resume
+    if ckpts := list_checkpoints(run):
+        saved = load_checkpoint(run / f"checkpoint-{ckpts[-1]}", acc.unwrap_model(model), optimizer, scheduler)
+        balancer.load_state_dict(saved.pop("balancer"))
+        state.update(saved)
+        log.info("resumed from %s at step %d", run / f"checkpoint-{ckpts[-1]}", state["step"])
+
+    def checkpoint():
+        if acc.is_main_process:
+            save_checkpoint(run, state["step"], acc.unwrap_model(model), optimizer, scheduler,
+                            {**state, "balancer": balancer.state_dict()}, cfg.keep_checkpoints)
+
+    stop = {"signal": None}
+
+    def on_sigterm(signum, frame):  # finish the step, save, exit
+        stop["signal"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    writer = _tensorboard(run) if cfg.tensorboard and acc.is_main_process else None
+    if state["step"] == 0 and eval_set and acc.is_main_process:
+        _log(run, writer, {"step": 0, "eval_domain_loss": domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot)})
+
+    def micro_batches():
+        """Every micro-batch of the run in order, from a seeded permutation per epoch; skips what is done."""
+        i = 0
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(cfg.seed + epoch)
+            order = torch.randperm(len(train_set), generator=g).tolist()
+            for s in range(0, micro_per_epoch * cfg.batch_size * acc.num_processes, cfg.batch_size * acc.num_processes):
+                chunk = order[s : s + cfg.batch_size * acc.num_processes][acc.process_index :: acc.num_processes]
+                if i >= state["micro"] and chunk:
+                    yield epoch, [train_set[j] for j in chunk]
+                i += 1
+            epoch += 1
+
+    batches = micro_batches()
+    rollout_cfg = RolloutConfig(cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_fast)
+    columns = [TextColumn(f"train {cfg.method}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not (progress and acc.is_main_process)) as bar:
+        task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
+        while state["step"] < total_steps and stop["signal"] is None:
+            t_step = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            epoch = micro[-1][0]
+            # --- rollouts for every micro-batch of the step (the student as it is before the update)
+            t0 = time.perf_counter()
+            prompts = [[chat_prompt_ids(tok, ex.question, ex.system) for ex in b] for _, b in micro]
+            rollouts = [sample_trajectories(acc.unwrap_model(model), p, rollout_cfg, tok.pad_token_id, eos_ids)
+                        if spec.kl else None for p in prompts]
+            t_rollout = time.perf_counter() - t0
+            ce_inputs = [answer_batch(tok, p, [ex.answer for ex in b], eot, cfg.max_len, tok.pad_token_id) if spec.ce else None
+                         for p, (_, b) in zip(prompts, micro)]
+            n_ce = sum(int(c[3].sum()) for c in ce_inputs) if spec.ce else 0
+            n_kl = sum(int(r[1].sum()) for r in rollouts) if spec.kl else 0
+            n_ce, n_kl = _global(acc, n_ce), _global(acc, n_kl)
+            ce_sum, kl_sum, tokens = 0.0, 0.0, 0
+            kl_grads = None  # with EMA lambda, CE and KL gradients are kept apart until lambda is known
+            split = spec.ce and spec.kl and cfg.kl_lambda is None
+            for (_, batch), p, ro, ce_in in zip(micro, prompts, rollouts, ce_inputs):
+                with acc.autocast():
+                    ce_loss = kl_loss = None
+                    # --- student forward on prompt + answer: CE
+                    if spec.ce:
+                        ids, attn, labels, lmask, cut = ce_in
+                        state["truncated_answers"] += cut
+                        lmask = lmask.to(acc.device)
+                        h = _hidden(model, ids.to(acc.device), attn.to(acc.device))
+                        ce_tok = losses.chunked_token_ce(h, _lm_head(model), labels.to(acc.device), lmask, cfg.loss_chunk)
+                        ce_loss = losses.reduce_step(ce_tok, lmask, n_ce)
+                        tokens += int(attn.sum())
+                    # --- student and teacher forwards on the trajectory: top-K KL
+                    if spec.kl:
+                        traj, tmask = ro
+                        kl_loss, n_tok = _kl_loss(cfg, spec, model, teacher, tok, batch, p, traj, tmask, refs, state, acc, n_kl)
+                        tokens += n_tok
+                if split:
+                    acc.backward(ce_loss)
+                    kl_grads = _swap_grads(params, kl_grads)
+                    acc.backward(kl_loss)
+                    kl_grads = _swap_grads(params, kl_grads)
+                else:
+                    lam = cfg.kl_lambda if cfg.kl_lambda is not None else 1.0
+                    acc.backward((ce_loss if ce_loss is not None else 0) + (lam * kl_loss if kl_loss is not None else 0))
+                ce_sum += float(ce_loss.detach()) if ce_loss is not None else 0.0
+                kl_sum += float(kl_loss.detach()) if kl_loss is not None else 0.0
+            ce_step, kl_step = _global(acc, ce_sum, mean=True), _global(acc, kl_sum, mean=True)
+
+            # --- lambda, then one optimizer step
+            if split:
+                lam = balancer.update(ce_step, kl_step) if math.isfinite(ce_step + kl_step) else float("nan")
+                for prm, g in zip(params, kl_grads):
+                    if prm.grad is not None and g is not None:
+                        prm.grad.add_(g, alpha=lam)
+            elif spec.ce and spec.kl:
+                lam = cfg.kl_lambda
+            else:
+                lam = None
+            loss_value = (ce_step if spec.ce else 0.0) + ((lam or 1.0) * kl_step if spec.kl else 0.0)
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                state["bad_in_a_row"] += 1
+                log.warning("step %d: loss is %s; step skipped (%d in a row)", state["step"] + 1, loss_value, state["bad_in_a_row"])
+                if state["bad_in_a_row"] >= cfg.max_bad_steps:
+                    raise FloatingPointError(f"{cfg.max_bad_steps} non-finite losses in a row; stopping (last checkpoint kept)")
+                state["micro"] += cfg.grad_accum
+                continue
+            state["bad_in_a_row"] = 0
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["micro"] += cfg.grad_accum
+
+            # --- log
+            dt = time.perf_counter() - t_step
+            row = {"step": state["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
+                   "tokens_per_s": round(_global(acc, tokens) / dt, 1), "rollout_s": round(t_rollout, 3),
+                   "other_s": round(dt - t_rollout, 3), "truncated_references": state["truncated_references"]}
+            if spec.ce:
+                row["ce"] = ce_step
+            if spec.kl:
+                row["kl"] = kl_step
+                row["rollout_tokens"] = n_kl
+            if lam is not None:
+                row["lambda"] = lam
+                row["ce_over_lambda_kl"] = ce_step / (lam * kl_step) if lam * kl_step > 0 else None
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and eval_set:
+                row["eval_domain_loss"] = domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot)
+            if acc.is_main_process:
+                _log(run, writer, row)
+            bar.update(task, advance=1, info=" ".join(f"{k} {row[k]:.3g}" for k in ("ce", "kl", "lambda") if row.get(k) is not None))
+            if state["step"] % cfg.save_every == 0:
+                checkpoint()
+
+    signal.signal(signal.SIGTERM, old_handler)
+    if stop["signal"] is not None:
+        checkpoint()
+        log.info("SIGTERM: checkpoint saved at step %d in %s; run the same command to resume", state["step"], run)
+        raise SystemExit(143)
+
+    # --- evaluate, save the model, plot
+    if eval_set and acc.is_main_process:
+        _log(run, writer, {"step": state["step"], "eval_domain_loss": domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot)})
+    if state["truncated_references"]:
+        log.warning("%d teacher references were longer than max_reference_tokens=%d and were cut",
+                    state["truncated_references"], cfg.max_reference_tokens)
+    if acc.is_main_process:
+        checkpoint()
+        _save_final(acc.unwrap_model(model), tok, run / "model", cfg)
+        from raftune.plots import plot_training
+
+        plot_training(run / "metrics.jsonl", run)
+    acc.wait_for_everyone()
+    return run
+
+
+# --- pieces of a step -------------------------------------------------------------------------------
+
+
+def _kl_loss(cfg, spec, model, teacher, tok, batch, prompts, traj, tmask, refs, state, acc, n_kl):
+    """Top-K KL between the teacher and the student on the student's trajectories (reduced for the step)."""
+    contexts = []
+    for ex, p in zip(batch, prompts):
+        ref = refs[ex.key] if refs is not None else ex.answer
+        ctx = teacher_context_ids(tok, spec.teacher_context, ex.question, ref, p, cfg.max_reference_tokens, ex.system)
+        state["truncated_references"] += ctx.reference_truncated
+        contexts.append(ctx.ids)
+    s_ids, s_attn, s_pos = trajectory_batch(prompts, traj, tmask, tok.pad_token_id)
+    t_ids, t_attn, t_pos = trajectory_batch(contexts, traj, tmask, tok.pad_token_id)
+    mask = tmask.to(acc.device)
+    with torch.no_grad():
+        if teacher is None:  # LoRA: the base weights with the adapters off are the original model
+            with acc.unwrap_model(model).disable_adapter():
+                th = _hidden(model, t_ids.to(acc.device), t_attn.to(acc.device))
+            t_head = _lm_head(model)
+        else:  # a frozen copy, possibly on another device or in another dtype
+            tdev = next(teacher.parameters()).device
+            th = _hidden(teacher, t_ids.to(tdev), t_attn.to(tdev))
+            t_head = teacher.get_output_embeddings()
+        th = _gather(th, t_pos.to(th.device))  # (B, L, D)
+        k = cfg.top_k or t_head.weight.shape[0]
+        t_logp, t_idx = losses.chunked_teacher_topk(th, t_head, k, cfg.kl_temperature, cfg.loss_chunk)  # (B, L, K)
+        t_logp, t_idx = t_logp.to(acc.device), t_idx.to(acc.device)
+    sh = _gather(_hidden(model, s_ids.to(acc.device), s_attn.to(acc.device)), s_pos.to(acc.device))  # (B, L, D)
+    kl_tok = losses.chunked_topk_kl(sh, _lm_head(model), t_logp, t_idx, mask, cfg.kl_temperature, cfg.kl_direction, cfg.loss_chunk)
+    return losses.reduce_step(kl_tok, mask, n_kl), int(s_attn.sum() + t_attn.sum())
+
+
+def _swap_grads(params, stash):
+    """Exchange each parameter's .grad with the stashed tensor (two gradient accumulators in turn)."""
+    stash = stash or [None] * len(params)
+    out = []
+    for p, s in zip(params, stash):
+        out.append(p.grad)
+        p.grad = s
+    return out
+
+
+def _global(acc, value: float, mean: bool = False) -> float:
+    """Sum (or mean) of a per-process number over all processes."""
+    if acc.num_processes == 1:
+        return value
+    t = acc.reduce(torch.tensor(float(value), device=acc.device), reduction="mean" if mean else "sum")
+    return float(t)
+
+
+def _log(run: Path, writer, row: dict) -> None:
+    append_jsonl(run / "metrics.jsonl", [{"time": round(time.time(), 3), **row}])
+    if writer is not None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(k, v, row["step"])
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
+def _save_final(model, tok, out: Path, cfg: TrainConfig) -> None:
+    """Hugging Face format (safetensors + tokenizer) that AutoModelForCausalLM loads; LoRA merged if asked."""
+    if cfg.lora and cfg.merge_lora:
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    atomic_write_json(out / "raftune.json", {"method": cfg.method, "base_model": cfg.model,
+                                             "lora": cfg.lora, "merged": cfg.lora and cfg.merge_lora})

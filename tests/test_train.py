@@ -1,0 +1,170 @@
+"""Stage 2 end to end on a tiny random Llama: every method, exact resume, accumulation, NaN handling."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raftune.train import TrainConfig, build_models, train
+
+
+def write_fused(path: Path, n: int = 16) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"question": f"What does f{i} do?", "answer": f"f{i} returns {i} squared.",
+                                "original_answer": f"It gives {i}*{i}."}) + "\n")
+    return path
+
+
+def cfg(tmp_path, model, **kw) -> TrainConfig:
+    base = dict(data=str(write_fused(tmp_path / "fused.jsonl")), model=str(model), out_dir=str(tmp_path / "runs"),
+                batch_size=4, max_steps=2, rollout_max_new_tokens=6, device="cpu", lr=1e-3, top_k=16, save_every=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, extra, keys", [
+    ("raft", {"lora": True}, {"ce", "kl", "lambda", "ce_over_lambda_kl"}),
+    ("raft", {}, {"ce", "kl", "lambda"}),
+    ("sft", {"answer_field": "original_answer"}, {"ce"}),
+    ("onpolicy", {}, {"kl"}),
+    ("raft", {"kl_lambda": 0.5}, {"ce", "kl", "lambda"}),
+    ("raft", {"top_k": None, "kl_direction": "reverse"}, {"ce", "kl"}),
+    ("raft", {"teacher_context": "chat", "grad_accum": 2}, {"ce", "kl"}),
+])
+def test_every_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, method, extra, keys):
+    from transformers import AutoModelForCausalLM
+
+    run = train(cfg(tmp_path, tiny_model_dir, method=method, eval_data=str(tmp_path / "fused.jsonl"), eval_limit=4, **extra),
+                progress=False)
+    rows = [r for r in metrics(run) if "lr" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert keys <= set(r), r
+        assert all(r[k] is None or torch.isfinite(torch.tensor(float(r[k]))) for k in keys)
+        assert r["rollout_s"] >= 0 and r["tokens_per_s"] > 0
+    if "lambda" in keys and extra.get("kl_lambda"):
+        assert all(r["lambda"] == 0.5 for r in rows)
+    elif "lambda" in keys:  # EMA: the first step's lambda is CE / KL exactly (bias correction)
+        assert rows[0]["lambda"] == pytest.approx(rows[0]["ce"] / rows[0]["kl"], rel=1e-4)
+    assert sum("eval_domain_loss" in r for r in metrics(run)) == 2
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged on save
+    assert (run / "training_curves.png").exists()
+
+
+def test_lora_teacher_is_the_base_with_adapters_off(tmp_path, tiny_model_dir):
+    c = cfg(tmp_path, tiny_model_dir, lora=True)
+    model, teacher, tok = build_models(c, torch.device("cpu"))
+    assert teacher is None  # no second copy in memory
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)  # adapters now change the output
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        on = model(input_ids=ids).logits
+        ref = original(input_ids=ids).logits
+    assert torch.allclose(off, ref, atol=1e-5) and not torch.allclose(on, ref, atol=1e-3)
+
+
+def test_8x1_equals_2x4(tmp_path, tiny_model_dir):
+    """Same data, one optimizer step: batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same weights.
+    Greedy rollouts make the trajectories independent of how the batch is split."""
+    common = dict(max_steps=1, rollout_temperature=0.0, warmup_ratio=0.0, schedule="constant")
+    for method in ("sft", "raft"):
+        a = train(cfg(tmp_path, tiny_model_dir, method=method, batch_size=8, grad_accum=1, name=f"{method}-8x1", **common), progress=False)
+        b = train(cfg(tmp_path, tiny_model_dir, method=method, batch_size=2, grad_accum=4, name=f"{method}-2x4", **common), progress=False)
+        wa, wb = weights(a), weights(b)
+        ma, mb = metrics(a)[-1], metrics(b)[-1]
+        assert ma["ce"] == pytest.approx(mb["ce"], rel=1e-5)
+        if method == "raft":
+            assert ma["kl"] == pytest.approx(mb["kl"], rel=1e-4) and ma["lambda"] == pytest.approx(mb["lambda"], rel=1e-4)
+        base = load_file(str(tiny_model_dir / "model.safetensors"))
+        moved = max(float((wa[k] - base[k]).abs().max()) for k in wa)
+        assert moved > 1e-4  # the step did something
+        for k in wa:
+            assert torch.allclose(wa[k], wb[k], atol=2e-6), k
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    from raftune import losses
+
+    real = losses.chunked_token_ce
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 1 else out
+
+    monkeypatch.setattr(losses, "chunked_token_ce", flaky)
+    run = train(cfg(tmp_path, tiny_model_dir, method="sft", max_steps=2, name="flaky"), progress=False)
+    assert "step skipped" in caplog.text
+    assert [r["step"] for r in metrics(run) if "lr" in r] == [1, 2]  # the bad step did not count
+
+    monkeypatch.setattr(losses, "chunked_token_ce", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        train(cfg(tmp_path, tiny_model_dir, method="sft", max_steps=5, max_bad_steps=3, name="broken"), progress=False)
+
+
+def test_reference_truncation_is_counted(tmp_path, tiny_model_dir):
+    run = train(cfg(tmp_path, tiny_model_dir, method="raft", max_reference_tokens=2, max_steps=1), progress=False)
+    assert metrics(run)[-1]["truncated_references"] == 4  # every reference of the batch was longer
+
+
+def _cli(tmp_path, model, name, extra=()):
+    data = write_fused(tmp_path / "fused.jsonl")
+    return [sys.executable, "-m", "raftune", "train", "--data", str(data), "--model", str(model), "--out-dir",
+            str(tmp_path / "runs"), "--batch-size", "2", "--max-steps", "8", "--device", "cpu", "--lr", "1e-3",
+            "--set", "rollout_max_new_tokens=6", "--set", "top_k=16", "--set", "save_every=2",
+            "--set", f"name={name}", *extra]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, sig):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight = subprocess.run(_cli(tmp_path, tiny_model_dir, "straight", ["--lora"]), env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    cmd = _cli(tmp_path, tiny_model_dir, "interrupted", ["--lora"])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = tmp_path / "runs" / "interrupted"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoint-2").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0].decode()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "checkpoint saved" in out, out[-3000:]
+    assert not (run / "model").exists()  # it did not finish
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = weights(tmp_path / "runs" / "straight"), weights(run)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [r["step"] for r in metrics(run) if "lr" in r]
+    assert steps[-1] == 8 and set(steps) == set(range(1, 9))
