@@ -59,7 +59,9 @@ def sample_trajectories(model, prompts: list[list[int]], cfg: RolloutConfig, pad
         out = model.generate(
             input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=cfg.max_new_tokens,
             do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
-            top_p=cfg.top_p if cfg.temperature > 0 else None, top_k=None, pad_token_id=pad_id, **kw,
+            top_p=cfg.top_p if cfg.temperature > 0 else None, top_k=None, pad_token_id=pad_id,
+            use_cache=True,  # the trainer turns the config's cache off for training forwards
+            **kw,
         )
     finally:
         model.train(was_training)

@@ -1,0 +1,43 @@
+"""`raftune run`: refine then train from one config, on a tiny random model."""
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from raftune.cli import app
+
+
+def test_run_refines_then_trains_each_method(tmp_path, tiny_model_dir):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What does g{i} do?", "answer": f"g{i} adds {i}."}) + "\n"
+                            for i in range(12)))
+    cfg = {
+        "refine": {"data": str(data), "out_dir": str(tmp_path / "runs"), "model": str(tiny_model_dir),
+                   "judges": [str(tiny_model_dir)], "max_new_tokens": 6, "judge_max_new_tokens": 4, "rounds": 1,
+                   "tau": -1.0, "test_fraction": 0.25, "device": "cpu"},
+        "train": {"batch_size": 3, "max_steps": 2, "rollout_max_new_tokens": 4, "top_k": 8, "device": "cpu"},
+        "methods": ["raft", "sft"],
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["run", "--config", str(path), "--set", "train.lr=0.001"])
+    assert result.exit_code == 0, result.output
+    refine_dir = next((tmp_path / "runs").glob("refine-*"))
+    summary = json.loads((refine_dir / "pipeline.json").read_text())
+    assert set(summary["methods"]) == {"raft", "sft"}
+    for m, r in summary["methods"].items():
+        assert r["base_domain_loss"] > 0 and r["domain_loss"] > 0
+        run_cfg = json.loads((tmp_path / "runs" / r["run_dir"].split("/")[-1] / "config.json").read_text())
+        assert run_cfg["eval_data"].endswith("heldout.jsonl") and run_cfg["learning_rate"] == 0.001
+        assert run_cfg["answer_field"] == ("original_answer" if m == "sft" else "answer")
+    assert "held-out domain loss" in result.output
+
+
+def test_run_rejects_unknown_sections_and_methods(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("refine: {data: demo}\nmethods: [magic]\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code == 2 and "unknown method" in result.output
+    path.write_text("refin: {data: demo}\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code == 2 and "unknown section" in result.output
