@@ -240,7 +240,8 @@ def run(
     except (*_stage_errors(), TypeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    print(f"refine: {result['refine_dir']}")
+    refine_dir = Path(result["refine_dir"])
+    print(f"refine: {refine_dir / 'fused.jsonl'}  (summary: {refine_dir / 'summary.json'})")
     for m, r in result["methods"].items():
         print(f"{m}: held-out domain loss {r['base_domain_loss']:.4f} (base) -> {r['domain_loss']:.4f}; model {r['model']}")
 

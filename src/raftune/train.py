@@ -218,7 +218,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     train_set, report = load_qa(cfg.data, answer_field=cfg.answer_field)
     refs = {ex.key: ex.answer for ex in load_qa(cfg.data, answer_field=ref_field)[0]} if ref_field != cfg.answer_field else None
     eval_set = load_qa(cfg.eval_data, limit=cfg.eval_limit)[0] if cfg.eval_data else []
-    ident = stable_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "tensorboard", "name")}, 10)
+    execution = ("out_dir", "tensorboard", "name", "device", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps")
+    ident = stable_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution}, 10)  # what the run computes
     run = Path(cfg.out_dir) / (cfg.name or f"train-{cfg.method}-{ident}")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run / "config.json", {**dataclasses.asdict(cfg), "learning_rate": cfg.learning_rate,
