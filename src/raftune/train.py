@@ -299,37 +299,39 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                          for p, (_, b) in zip(prompts, micro)]
             n_ce = sum(int(c[3].sum()) for c in ce_inputs) if spec.ce else 0
             n_kl = sum(int(r[1].sum()) for r in rollouts) if spec.kl else 0
-            n_ce, n_kl = _global(acc, n_ce), _global(acc, n_kl)
+            # the step's token counts over all processes, divided by their number: DDP averages the
+            # gradients of the processes, which brings the division back to the global count
+            n_ce, n_kl = _global(acc, n_ce) / acc.num_processes, _global(acc, n_kl) / acc.num_processes
             ce_sum, kl_sum, tokens = 0.0, 0.0, 0
             kl_grads = None  # with EMA lambda, CE and KL gradients are kept apart until lambda is known
             split = spec.ce and spec.kl and cfg.kl_lambda is None
+            # Each loss term is backpropagated right after its own forward: DDP allows one backward per forward.
             for (_, batch), p, ro, ce_in in zip(micro, prompts, rollouts, ce_inputs):
-                with acc.autocast():
-                    ce_loss = kl_loss = None
-                    # --- student forward on prompt + answer: CE
-                    if spec.ce:
-                        ids, attn, labels, lmask, cut = ce_in
-                        state["truncated_answers"] += cut
-                        lmask = lmask.to(acc.device)
+                # --- student forward on prompt + answer: CE
+                if spec.ce:
+                    ids, attn, labels, lmask, cut = ce_in
+                    state["truncated_answers"] += cut
+                    lmask = lmask.to(acc.device)
+                    with acc.autocast():
                         h = _hidden(model, ids.to(acc.device), attn.to(acc.device))
                         ce_tok = losses.chunked_token_ce(h, _lm_head(model), labels.to(acc.device), lmask, cfg.loss_chunk)
                         ce_loss = losses.reduce_step(ce_tok, lmask, n_ce)
-                        tokens += int(attn.sum())
-                    # --- student and teacher forwards on the trajectory: top-K KL
-                    if spec.kl:
-                        traj, tmask = ro
-                        kl_loss, n_tok = _kl_loss(cfg, spec, model, teacher, tok, batch, p, traj, tmask, refs, state, acc, n_kl)
-                        tokens += n_tok
-                if split:
                     acc.backward(ce_loss)
-                    kl_grads = _swap_grads(params, kl_grads)
-                    acc.backward(kl_loss)
-                    kl_grads = _swap_grads(params, kl_grads)
-                else:
-                    lam = cfg.kl_lambda if cfg.kl_lambda is not None else 1.0
-                    acc.backward((ce_loss if ce_loss is not None else 0) + (lam * kl_loss if kl_loss is not None else 0))
-                ce_sum += float(ce_loss.detach()) if ce_loss is not None else 0.0
-                kl_sum += float(kl_loss.detach()) if kl_loss is not None else 0.0
+                    ce_sum += float(ce_loss.detach())
+                    tokens += int(attn.sum())
+                # --- student and teacher forwards on the trajectory: top-K KL
+                if spec.kl:
+                    traj, tmask = ro
+                    with acc.autocast():
+                        kl_loss, n_tok = _kl_loss(cfg, spec, model, teacher, tok, batch, p, traj, tmask, refs, state, acc, n_kl)
+                    if split:  # into its own accumulator until lambda is known
+                        kl_grads = _swap_grads(params, kl_grads)
+                        acc.backward(kl_loss)
+                        kl_grads = _swap_grads(params, kl_grads)
+                    else:
+                        acc.backward(kl_loss * (cfg.kl_lambda if spec.ce else 1.0))
+                    kl_sum += float(kl_loss.detach())
+                    tokens += n_tok
             ce_step, kl_step = _global(acc, ce_sum, mean=True), _global(acc, kl_sum, mean=True)
 
             # --- lambda, then one optimizer step
