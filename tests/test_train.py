@@ -71,8 +71,9 @@ def test_every_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir
 
 def test_lora_teacher_is_the_base_with_adapters_off(tmp_path, tiny_model_dir):
     c = cfg(tmp_path, tiny_model_dir, lora=True)
-    model, teacher, tok = build_models(c, torch.device("cpu"))
+    wrapped, teacher, tok = build_models(c, torch.device("cpu"))
     assert teacher is None  # no second copy in memory
+    model = wrapped.lm
     from transformers import AutoModelForCausalLM
 
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

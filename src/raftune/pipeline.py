@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 
 from raftune.files import atomic_write_json
 from raftune.refine import RefineConfig, refine

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import signal
@@ -122,7 +121,7 @@ class TrainConfig:
             (self.kl_direction in ("forward", "reverse"), f"kl_direction must be forward or reverse, got {self.kl_direction!r}"),
             (self.teacher_context in (None, *TEACHER_CONTEXTS), f"teacher_context must be one of {TEACHER_CONTEXTS}"),
             (0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
-            (self.schedule in ("cosine", "linear", "constant"), f"schedule must be cosine, linear or constant"),
+            (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be > 0"),
             (self.rollout_max_new_tokens >= 1, "rollout_max_new_tokens must be >= 1"),
         ]
@@ -144,8 +143,9 @@ class TrainConfig:
 
 
 def build_models(cfg: TrainConfig, device: torch.device):
-    """(student, teacher_fn, tokenizer). The teacher is the frozen original model: with LoRA, the same
-    weights with the adapters switched off (no second copy); otherwise a frozen copy."""
+    """(student, teacher, tokenizer), both models wrapped in ``TokenLosses``. The teacher is the frozen
+    original model: with LoRA, None, because it is the student's weights with the adapters switched
+    off (no second copy); otherwise a frozen copy."""
     from raftune.models import load_model_and_tokenizer, pick_device, pick_dtype
 
     # fp32 master weights; on CUDA the forward runs under bf16 autocast (accelerate's mixed precision)
@@ -154,29 +154,42 @@ def build_models(cfg: TrainConfig, device: torch.device):
     teacher = None
     if cfg.spec.kl and not cfg.lora:
         tdev = pick_device(cfg.teacher_device or str(device))
-        teacher = copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype)).eval().requires_grad_(False)
+        teacher = TokenLosses(copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype)).eval().requires_grad_(False))
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
-    return model, teacher, tok
+    return TokenLosses(model), teacher, tok
 
 
-def _hidden(model, ids, attn):
-    """Final (normed) hidden states (B, T, D); logits for one position only, to skip the full LM head."""
-    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]
+class TokenLosses(torch.nn.Module):
+    """The causal LM with its chunked loss heads. One ``forward`` runs the backbone and the LM head, so
+    a replicated (DDP) model sees each use of its weights inside its own forward, and the LM head is
+    only ever applied to chunks of the sequence (its full-vocabulary logits never exist for the batch).
 
+    what="ce": per-token CE (B, T); "kl": per-token top-K KL on the positions ``pos`` (B, L);
+    "topk": the teacher's top-K log-probs and indices at ``pos`` ((B, L, K), (B, L, K)).
+    """
 
-def _lm_head(model):
-    model = getattr(model, "module", model)  # DDP wrapper
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings()
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
 
-
-def _gather(h_BTD, pos_BL):
-    return h_BTD.gather(1, pos_BL.unsqueeze(-1).expand(-1, -1, h_BTD.shape[-1]))  # (B, L, D)
+    def forward(self, what, ids, attn, pos=None, labels=None, mask=None, t_logp=None, t_idx=None, *,
+                chunk: int, k: int | None = None, temperature: float = 1.0, direction: str = "forward"):
+        # only the last position's logits from the model itself: the full LM head is skipped
+        h = self.lm(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        head = self.lm.get_output_embeddings()
+        if pos is not None:
+            h = h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, L, D)
+        if what == "ce":
+            return losses.chunked_token_ce(h, head, labels, mask, chunk)
+        if what == "kl":
+            return losses.chunked_topk_kl(h, head, t_logp, t_idx, mask, temperature, direction, chunk)
+        if what == "topk":
+            return losses.chunked_teacher_topk(h, head, k or head.weight.shape[0], temperature, chunk)
+        raise ValueError(what)
 
 
 @torch.no_grad()
@@ -190,8 +203,7 @@ def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len:
         batch = examples[s : s + batch_size]
         prompts = [chat_prompt_ids(tok, ex.question, ex.system) for ex in batch]
         ids, attn, labels, lmask, _ = answer_batch(tok, prompts, [ex.answer for ex in batch], eot, max_len, tok.pad_token_id)
-        h = _hidden(model, ids.to(device), attn.to(device))
-        ce = losses.chunked_token_ce(h, _lm_head(model), labels.to(device), lmask.to(device))
+        ce = model("ce", ids.to(device), attn.to(device), labels=labels.to(device), mask=lmask.to(device), chunk=64)
         total += float(ce.sum())
         n += int(lmask.sum())
     model.train(was)
@@ -227,7 +239,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # --- models, optimizer, schedule
     model, teacher, tok = build_models(cfg, acc.device)
-    eot = end_of_turn_id(tok, model.generation_config if hasattr(model, "generation_config") else None)
+    eot = end_of_turn_id(tok, model.lm.generation_config)
     eos_ids = {eot, tok.eos_token_id}
     micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * acc.num_processes))
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
@@ -292,7 +304,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             # --- rollouts for every micro-batch of the step (the student as it is before the update)
             t0 = time.perf_counter()
             prompts = [[chat_prompt_ids(tok, ex.question, ex.system) for ex in b] for _, b in micro]
-            rollouts = [sample_trajectories(acc.unwrap_model(model), p, rollout_cfg, tok.pad_token_id, eos_ids)
+            rollouts = [sample_trajectories(acc.unwrap_model(model).lm, p, rollout_cfg, tok.pad_token_id, eos_ids)
                         if spec.kl else None for p in prompts]
             t_rollout = time.perf_counter() - t0
             ce_inputs = [answer_batch(tok, p, [ex.answer for ex in b], eot, cfg.max_len, tok.pad_token_id) if spec.ce else None
@@ -313,8 +325,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     state["truncated_answers"] += cut
                     lmask = lmask.to(acc.device)
                     with acc.autocast():
-                        h = _hidden(model, ids.to(acc.device), attn.to(acc.device))
-                        ce_tok = losses.chunked_token_ce(h, _lm_head(model), labels.to(acc.device), lmask, cfg.loss_chunk)
+                        ce_tok = model("ce", ids.to(acc.device), attn.to(acc.device), labels=labels.to(acc.device),
+                                       mask=lmask, chunk=cfg.loss_chunk)
                         ce_loss = losses.reduce_step(ce_tok, lmask, n_ce)
                     acc.backward(ce_loss)
                     ce_sum += float(ce_loss.detach())
@@ -396,7 +408,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     state["truncated_references"], cfg.max_reference_tokens)
     if acc.is_main_process:
         checkpoint()
-        _save_final(acc.unwrap_model(model), tok, run / "model", cfg)
+        _save_final(acc.unwrap_model(model).lm, tok, run / "model", cfg)
         from raftune.plots import plot_training
 
         plot_training(run / "metrics.jsonl", run)
@@ -418,21 +430,17 @@ def _kl_loss(cfg, spec, model, teacher, tok, batch, prompts, traj, tmask, refs, 
     s_ids, s_attn, s_pos = trajectory_batch(prompts, traj, tmask, tok.pad_token_id)
     t_ids, t_attn, t_pos = trajectory_batch(contexts, traj, tmask, tok.pad_token_id)
     mask = tmask.to(acc.device)
+    topk = dict(chunk=cfg.loss_chunk, k=cfg.top_k, temperature=cfg.kl_temperature)
     with torch.no_grad():
         if teacher is None:  # LoRA: the base weights with the adapters off are the original model
-            with acc.unwrap_model(model).disable_adapter():
-                th = _hidden(model, t_ids.to(acc.device), t_attn.to(acc.device))
-            t_head = _lm_head(model)
+            with acc.unwrap_model(model).lm.disable_adapter():
+                t_logp, t_idx = model("topk", t_ids.to(acc.device), t_attn.to(acc.device), pos=t_pos.to(acc.device), **topk)
         else:  # a frozen copy, possibly on another device or in another dtype
             tdev = next(teacher.parameters()).device
-            th = _hidden(teacher, t_ids.to(tdev), t_attn.to(tdev))
-            t_head = teacher.get_output_embeddings()
-        th = _gather(th, t_pos.to(th.device))  # (B, L, D)
-        k = cfg.top_k or t_head.weight.shape[0]
-        t_logp, t_idx = losses.chunked_teacher_topk(th, t_head, k, cfg.kl_temperature, cfg.loss_chunk)  # (B, L, K)
+            t_logp, t_idx = teacher("topk", t_ids.to(tdev), t_attn.to(tdev), pos=t_pos.to(tdev), **topk)  # (B, L, K)
         t_logp, t_idx = t_logp.to(acc.device), t_idx.to(acc.device)
-    sh = _gather(_hidden(model, s_ids.to(acc.device), s_attn.to(acc.device)), s_pos.to(acc.device))  # (B, L, D)
-    kl_tok = losses.chunked_topk_kl(sh, _lm_head(model), t_logp, t_idx, mask, cfg.kl_temperature, cfg.kl_direction, cfg.loss_chunk)
+    kl_tok = model("kl", s_ids.to(acc.device), s_attn.to(acc.device), pos=s_pos.to(acc.device), mask=mask, t_logp=t_logp,
+                   t_idx=t_idx, chunk=cfg.loss_chunk, temperature=cfg.kl_temperature, direction=cfg.kl_direction)
     return losses.reduce_step(kl_tok, mask, n_kl), int(s_attn.sum() + t_attn.sum())
 
 
