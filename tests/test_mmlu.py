@@ -90,9 +90,10 @@ def test_missing_folder_subject_and_split_are_errors(tmp_path):
         load_mmlu(tmp_path, subjects=["astrology"])
     with pytest.raises(ValueError, match="split must be one of dev, val, test"):
         load_mmlu(tmp_path, "train")
-    with pytest.raises(DataError, match="malformed CSV"):
-        write(tmp_path, "val", "anatomy", 'Q?,a,b,c,d,A\n"unclosed,a,b,c,d,A\n')
+    path = write(tmp_path, "val", "anatomy", 'Q?,a,b,c,d,A\n"unclosed,a,b,c,d,A\nQ?,a,b,c,d,A\n')
+    with pytest.raises(DataError, match="malformed CSV") as e:
         load_mmlu(tmp_path, "val")
+    assert (e.value.path, e.value.line) == (str(path), 2)  # where the unclosed quote opens
 
 
 def test_few_shot_examples_are_the_first_k_dev_rows(tmp_path):
@@ -186,6 +187,20 @@ def test_cloze_form_picks_the_choice_with_the_best_per_token_mean(tok):
     assert [r["correct"] for r in res["per_question"]] == [True, False] and res["accuracy"] == 0.5
     for r in res["per_question"]:
         assert r["scores"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_letters_of_several_tokens_are_scored_by_their_sum(tok, monkeypatch):
+    import raftune.mmlu as mmlu
+
+    space = ids(tok, " ")
+    plain = mmlu._plain_ids
+    monkeypatch.setattr(mmlu, "_plain_ids", lambda t, text: space + plain(t, text.strip()) if text.strip() in "ABCD" else plain(t, text))
+    bias_V = torch.zeros(len(tok))
+    bias_V[ids(tok, "B")] = 4.0
+    res = score_mmlu(BiasLM(bias_V), tok, [q(answer=1)], form="letter")
+    logp_V = torch.log_softmax(bias_V, -1)
+    expected = [(logp_V[space[0]] + logp_V[ids(tok, x)[0]]).item() for x in "ABCD"]
+    assert res["per_question"][0]["scores"] == pytest.approx(expected, abs=1e-6) and res["accuracy"] == 1.0
 
 
 def test_ties_go_to_the_earliest_choice(tok):

@@ -21,8 +21,9 @@ Tokenization: the prompt is tokenized as a whole (with the tokenizer's special t
 where the model expects one), the continuation separately WITHOUT special tokens, and the two id
 lists are concatenated. The continuation carries the leading space, so in byte-level BPE " A" is
 the single token a model sees after "Answer:" in running text; the prompt's last token never merges
-with the continuation. (Tokenizers that prepend a space of their own, like legacy SentencePiece,
-would see "  A"; the letter form then falls back to scoring the continuation's tokens.)
+with the continuation. The letter form reads the letter's one token at the prompt's last position;
+where a tokenizer makes the letter several tokens (legacy SentencePiece prepends a space marker of
+its own), it scores their summed log-probability instead.
 
 ``chat=True`` puts the whole prompt (shots included) into one user turn of the tokenizer's chat
 template with the generation prompt; the continuation then opens the assistant's reply, which

@@ -224,6 +224,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                       mixed_precision="bf16" if torch.cuda.is_available() and cfg.device != "cpu" else "no")
     torch.manual_seed(cfg.seed)
     spec = cfg.spec
+    log.info("%s on %s, %d process(es), %s", cfg.method, acc.device, acc.num_processes, acc.distributed_type.value)
 
     # --- data
     ref_field = cfg.reference_field or cfg.answer_field
