@@ -49,7 +49,8 @@ def q(question="What is 1 + 1?", choices=("1", "2", "3", "4"), answer=1, subject
 # --- loading ---------------------------------------------------------------------------------------
 
 def test_load_reads_rows_multiline_questions_and_limits(tmp_path):
-    write(tmp_path, "test", "college_physics", 'Plain?,a,b,c,d,A\n"Two\nlines, quoted?",e,"f, g",h,i,D\n\nThird?,j,k,l,m,C\n')
+    write(tmp_path, "test", "college_physics",
+          'Plain?,a,b,c,d,A\n"Two\nlines, quoted?",e,"f, g",h,i,D\n\nThird?,j,k,l,m,C\n')
     write(tmp_path, "test", "anatomy", "Bone?,w,x,y,z,B\n")
     got = load_mmlu(tmp_path)
     assert mmlu_subjects(tmp_path) == ["anatomy", "college_physics"]
@@ -190,11 +191,14 @@ def test_cloze_form_picks_the_choice_with_the_best_per_token_mean(tok):
 
 
 def test_letters_of_several_tokens_are_scored_by_their_sum(tok, monkeypatch):
-    import raftune.mmlu as mmlu
+    from raftune import mmlu
 
     space = ids(tok, " ")
     plain = mmlu._plain_ids
-    monkeypatch.setattr(mmlu, "_plain_ids", lambda t, text: space + plain(t, text.strip()) if text.strip() in "ABCD" else plain(t, text))
+    def two_token_letters(t, text):  # " B" -> [" ", "B"], as a tokenizer without a " B" token would give
+        return space + plain(t, text.strip()) if text.strip() in mmlu.LETTERS else plain(t, text)
+
+    monkeypatch.setattr(mmlu, "_plain_ids", two_token_letters)
     bias_V = torch.zeros(len(tok))
     bias_V[ids(tok, "B")] = 4.0
     res = score_mmlu(BiasLM(bias_V), tok, [q(answer=1)], form="letter")
@@ -244,7 +248,8 @@ def test_letter_scores_equal_a_manual_next_token_log_softmax(tiny, tok):
 
 def test_batched_scoring_equals_one_at_a_time(tiny, tok):
     questions = [q("Short?", ("a", "bb bb", "c", "the longest choice of them all"), 1),
-                 q("A much longer question, with many more tokens in it than the others have?", ("x", "y", "z", "w"), 3),
+                 q("A much longer question, with many more tokens in it than the others have?",
+                   ("x", "y", "z", "w"), 3),
                  q("Medium length question here?", ("one", "two", "three", "four"), 0, subject="anatomy")]
     for form in ("letter", "cloze"):
         one = score_mmlu(tiny, tok, questions, form=form, batch_size=1)

@@ -11,10 +11,10 @@ Few-shot examples are the first k rows of the subject's ``dev`` split, as in the
 
 Forms (``predicted`` is the argmax of the four scores; a tie goes to the earliest choice):
 - ``letter``: the original MMLU prompt, which lists the choices, scored by the log-probability of
-  the answer letter (" A" .. " D") as the next token. Small models sit at chance here.
+  the answer letter (" A" .. " D") as the next token. Small models sit near chance here.
 - ``cloze``: "Question: {q}\\nAnswer:" without the choices, each choice's continuation " {text}"
   scored by its summed log-probability divided by its number of tokens (per-token normalisation;
-  not per character or byte, as lm-eval's ``acc_norm`` does). Shows signal on small models.
+  not per character or byte, as lm-eval's ``acc_norm`` does). The usual form for small models.
 Both are accuracies over questions (micro average); ``per_subject`` gives each subject's own.
 
 Tokenization: the prompt is tokenized as a whole (with the tokenizer's special tokens, e.g. a BOS
@@ -39,9 +39,9 @@ model's dtype (16 x 1,000 x 49,152 in fp32 is 3 GiB): lower ``batch_size`` for l
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -193,7 +193,13 @@ def _check_lengths(model, seqs: Sequence[Sequence[int]]) -> None:
 
 
 def _batches(order: list[int], batch_size: int, progress: bool, what: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as bar:
@@ -282,7 +288,8 @@ def score_mmlu(model, tokenizer, questions: Sequence[MMLUQuestion], *, shots: in
     """Accuracy of ``model`` on ``questions``; ``shots`` > 0 takes each subject's first dev questions
     from ``folder``. Returns {"accuracy", "n", "form", "shots", "chat", "per_subject": {subject:
     {"accuracy", "n"}}, "per_question": [{"subject", "answer", "predicted", "correct", "scores"}]},
-    where scores are the four choices' log-probabilities (letter) or per-token mean log-probabilities (cloze)."""
+    where scores are the four choices' log-probabilities (letter) or their per-token mean
+    log-probabilities (cloze)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if shots < 0:
@@ -292,7 +299,8 @@ def score_mmlu(model, tokenizer, questions: Sequence[MMLUQuestion], *, shots: in
     if not questions:
         raise ValueError("no questions to score")
 
-    examples = {s: few_shot_examples(folder, s, shots) for s in dict.fromkeys(q.subject for q in questions)} if shots else {}
+    subjects = list(dict.fromkeys(q.subject for q in questions))  # in order of first appearance
+    examples = {s: few_shot_examples(folder, s, shots) for s in subjects} if shots else {}
     build = letter_prompt if form == "letter" else cloze_prompt
     prompts = [_prompt_ids(tokenizer, build(q, examples.get(q.subject, ())), chat) for q in questions]
     lead = "" if chat else " "  # a chat reply opens without a space; running text has one after "Answer:"
@@ -318,7 +326,7 @@ def score_mmlu(model, tokenizer, questions: Sequence[MMLUQuestion], *, shots: in
         per_question.append({"subject": q.subject, "answer": q.answer, "predicted": predicted,
                              "correct": predicted == q.answer, "scores": [float(x) for x in sc]})
     per_subject: dict[str, dict] = {}
-    for subject in dict.fromkeys(q.subject for q in questions):
+    for subject in subjects:
         hits = [r["correct"] for r in per_question if r["subject"] == subject]
         per_subject[subject] = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
     n_correct = sum(r["correct"] for r in per_question)
