@@ -350,9 +350,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             # --- lambda, then one optimizer step
             if split:
                 lam = balancer.update(ce_step, kl_step) if math.isfinite(ce_step + kl_step) else float("nan")
-                for prm, g in zip(params, kl_grads):
-                    if prm.grad is not None and g is not None:
-                        prm.grad.add_(g, alpha=lam)
+                for prm, g in zip(params, kl_grads):  # gradient of CE + lambda * KL
+                    if g is not None:
+                        prm.grad = g.mul_(lam) if prm.grad is None else prm.grad.add_(g, alpha=lam)
             elif spec.ce and spec.kl:
                 lam = cfg.kl_lambda
             else:
