@@ -16,7 +16,7 @@ def results(d_acc, ifeval, mmlu, general, kl=None):
 def write(tmp_path, name, r):
     folder = tmp_path / f"eval-{name}"
     folder.mkdir()
-    (folder / "results.json").write_text(json.dumps(r))
+    (folder / "results.json").write_text(json.dumps({"suites": r, "config": {}}))  # raftune eval's layout
     return folder
 
 
@@ -44,3 +44,16 @@ def test_compare_writes_files_and_plots(tmp_path):
         compare(folders, ["a"], tmp_path / "cmp")
     with pytest.raises(FileNotFoundError, match="results.json"):
         compare([tmp_path], None, tmp_path / "cmp")
+
+
+def test_compare_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from raftune.cli import app
+
+    folders = [str(write(tmp_path, n, results(0.1 + i / 100, 0.4, 0.25, 6 - i))) for i, n in enumerate(["base", "sft", "raft"])]
+    result = CliRunner().invoke(app, ["compare", *folders, "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert "| raft | 12.0 (+1.0 vs SFT)" in result.output and "Retention vs base" in result.output
+    bad = CliRunner().invoke(app, ["compare", str(tmp_path / "nothing")])
+    assert bad.exit_code == 2 and "no results.json" in bad.output

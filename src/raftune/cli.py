@@ -5,6 +5,7 @@
     raftune merge runs/refine-<hash>
     raftune train --data runs/refine-<hash>/fused.jsonl --method raft --lora --max-steps 100
     raftune run --config configs/demo.yaml
+    raftune eval --model runs/train-<hash>/model --suite domain,ifeval --domain-data runs/refine-<hash>/heldout.jsonl
     raftune demo --out demo.jsonl
     raftune templates --out templates.yaml
 """
@@ -244,6 +245,88 @@ def run(
     print(f"refine: {refine_dir / 'fused.jsonl'}  (summary: {refine_dir / 'summary.json'})")
     for m, r in result["methods"].items():
         print(f"{m}: held-out domain loss {r['base_domain_loss']:.4f} (base) -> {r['domain_loss']:.4f}; model {r['model']}")
+
+
+def _csv(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if text is None else tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, help="the model to evaluate: 'default', folder, .gguf, hub id or server"),
+    suite: Optional[str] = typer.Option(None, help="comma-separated: domain,ifeval,mmlu,general,drift,weights"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of eval settings (flags override it)"),
+    base_model: Optional[str] = typer.Option(None, help="the model before tuning, for drift and weights [default]"),
+    base_results: Optional[str] = typer.Option(None, help="the base model's results.json: adds retention"),
+    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders [runs]"),
+    name: Optional[str] = typer.Option(None, help="run folder eval-<name> [eval-<hash>]"),
+    domain_data: Optional[str] = typer.Option(None, help="held-out QA data, e.g. runs/refine-<hash>/heldout.jsonl"),
+    domain_limit: Optional[int] = typer.Option(None),
+    judge: Optional[list[str]] = typer.Option(None, help="a judge (repeat for several): model spec or http(s)://host:port/v1#model"),
+    ifeval_data: Optional[str] = typer.Option(None, help="IFEval input_data.jsonl"),
+    ifeval_limit: Optional[int] = typer.Option(None),
+    mmlu_folder: Optional[str] = typer.Option(None, help="MMLU folder with dev/ and test/ CSVs"),
+    mmlu_subjects: Optional[str] = typer.Option(None, help="comma-separated subjects [all]"),
+    mmlu_limit_per_subject: Optional[int] = typer.Option(None),
+    mmlu_shots: Optional[int] = typer.Option(None, help="few-shot examples from dev [0]"),
+    mmlu_form: Optional[str] = typer.Option(None, help="cloze or letter [cloze]"),
+    general_data: Optional[str] = typer.Option(None, help="general prompts: MT-Bench question.jsonl, AlpacaEval, ..."),
+    general_limit: Optional[int] = typer.Option(None),
+    max_new_tokens: Optional[int] = typer.Option(None, help="length cap of generated answers [256]"),
+    batch_size: Optional[int] = typer.Option(None, help="samples per batch [16]"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps [auto]"),
+    dtype: Optional[str] = typer.Option(None, help="bf16, fp16, fp32 [bf16 on CUDA, fp32 elsewhere]"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Evaluate a model: D-Acc, IFEval, MMLU, judged general QA, drift, weight distance, retention."""
+    import json
+
+    from raftune.evaluate import EvalConfig, evaluate
+
+    _setup_logging(verbose)
+    if model is None and "model" not in _load_yaml(config):
+        raise typer.BadParameter("--model is required: 'default', a model folder, a .gguf file, a hub id or a server")
+    try:
+        cfg = build_config(
+            EvalConfig, config, model=model, suites=_csv(suite), base_model=base_model, base_results=base_results,
+            out_dir=out_dir, name=name, domain_data=domain_data, domain_limit=domain_limit,
+            judges=tuple(judge) if judge else None, ifeval_data=ifeval_data, ifeval_limit=ifeval_limit,
+            mmlu_folder=mmlu_folder, mmlu_subjects=_csv(mmlu_subjects), mmlu_limit_per_subject=mmlu_limit_per_subject,
+            mmlu_shots=mmlu_shots, mmlu_form=mmlu_form, general_data=general_data, general_limit=general_limit,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+        )
+        run = evaluate(cfg)
+    except _stage_errors() as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    results = json.loads((run / "results.json").read_text())
+    for suite_name, summary in results["suites"].items():
+        shown = {k: v for k, v in summary.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+        print(f"{suite_name}: " + ", ".join(
+            f"{k} {'n/a' if v is None else f'{v:.4g}' if isinstance(v, float) else v}" for k, v in shown.items()))
+    for metric, r in results.get("retention", {}).items():
+        ret = "n/a" if r["retention"] is None else f"{100 * r['retention']:.1f}%"
+        print(f"retention {metric}: {ret}")
+    print(f"results: {run / 'results.json'}  (per sample: {', '.join(s + '.jsonl' for s in results['suites'])})")
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="eval run folders (or their results.json)"),
+    label: Optional[list[str]] = typer.Option(None, help="a label per run, in order (label runs base and sft for retention and deltas)"),
+    out: Path = typer.Option(Path("runs/compare"), help="folder for comparison.md, comparison.json and plots"),
+):
+    """Evaluation runs side by side: Table 1 (scores, change vs SFT) and Table 4 (retention vs base)."""
+    from raftune.compare import compare as run_compare
+
+    _setup_logging(False)
+    try:
+        table = run_compare(runs, label, out)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    sys.stdout.write(table["markdown"])
+    print(f"\nwritten: {out / 'comparison.md'}, {out / 'comparison.json'}" + "".join(f", {p}" for p in table["plots"]))
 
 
 @app.command()

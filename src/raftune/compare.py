@@ -32,7 +32,7 @@ OTHER = [
 
 
 def _get(results: dict, path: tuple[str, ...]):
-    node = results
+    node = results.get("suites", results)  # an eval run's results.json keeps its suites under "suites"
     for part in path:
         if not isinstance(node, dict) or part not in node:
             return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from raftune.generation import Generator, Messages, SamplingParams
 
@@ -60,8 +60,12 @@ def score_with_judges(
     retries: int,
     seed: int,
     retry_temperature: float = 0.7,
+    parse: Callable[[str], float | None] = parse_score,
 ) -> list[list[Verdict]]:
-    """verdicts[i][j]: judge j on prompt i. First attempt greedy, retries sampled, all batched."""
+    """verdicts[i][j]: judge j on prompt i. First attempt greedy, retries sampled, all batched.
+
+    ``parse`` reads a reply into a score, None when unreadable (then the prompt is asked again).
+    """
     verdicts: list[list[Verdict]] = [[None] * len(judges) for _ in prompts]  # type: ignore[list-item]
     for j, judge in enumerate(judges):
         pending = list(range(len(prompts)))
@@ -72,7 +76,7 @@ def score_with_judges(
             replies = judge.chat([prompts[i] for i in pending], params)
             still = []
             for i, reply in zip(pending, replies):
-                score = parse_score(reply.text)
+                score = parse(reply.text)
                 spent[i] += reply.completion_tokens
                 text = reply.text if not reply.error else f"<error: {reply.error}>"
                 verdicts[i][j] = Verdict(judge.name, score, text, attempt, spent[i])

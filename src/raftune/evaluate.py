@@ -1,0 +1,410 @@
+"""Evaluation: domain accuracy (D-Acc), IFEval, MMLU, judged general QA, drift, weight distance, retention.
+
+    raftune eval --model runs/train-<hash>/model --suite domain,ifeval,mmlu \\
+        --domain-data runs/refine-<hash>/heldout.jsonl --ifeval-data ../shared/data/ifeval/input_data.jsonl \\
+        --mmlu-folder ../shared/data/mmlu --mmlu-subjects anatomy,virology --base-results runs/eval-base/results.json
+
+Each suite is a function of the config and the opened models that returns (summary, per-sample rows).
+``evaluate`` runs the chosen suites and writes ``<out_dir>/eval-<name or hash>/``: ``results.json``
+(every suite's summary, the config, and retention when a base results.json is given) and one
+``<suite>.jsonl`` of per-sample rows per suite, all written atomically.
+
+- domain: greedy answers to held-out questions; every judge says correct or incorrect against the
+  reference (template ``DOMAIN_JUDGE``, parsed by ``parse_verdict``, unreadable replies asked again);
+  a sample is correct when a strict majority of the readable verdicts says so (``majority_vote``).
+  D-Acc is over the samples with at least one readable verdict; the others are counted. ROUGE-L F1
+  and the embedding cosine to the reference are judge-free companions, always reported.
+- ifeval: greedy responses in the chat format, scored strictly and loosely (``raftune.ifeval``).
+- mmlu: log-likelihood scoring (``raftune.mmlu``), cloze form and 0 shots by default.
+- general: greedy answers to general prompts, scored 1-10 by every judge (``GENERAL_JUDGE``),
+  averaged over the judges, then over the prompts with a readable score.
+- drift / weights: judge-free forgetting measures against ``base_model`` (``raftune.forgetting``).
+- retention (paper Appendix G): score / base score for ifeval prompt_strict, mmlu accuracy and
+  general mean_score.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raftune.files import atomic_write_json, atomic_write_jsonl, stable_hash
+from raftune.generation import (
+    Generator,
+    Messages,
+    SamplingParams,
+    is_remote_spec,
+    open_generator,
+)
+from raftune.judging import mean_score, score_with_judges
+from raftune.templates import PromptTemplate
+
+SUITES = ("domain", "ifeval", "mmlu", "general", "drift", "weights")
+LOCAL_SUITES = ("mmlu", "drift", "weights")  # they read logits or weights: no chat server can do them
+# (suite, metric) pairs whose ratio to the base model's is the retention of Appendix G
+RETENTION_METRICS = (("ifeval", "prompt_strict"), ("mmlu", "accuracy"), ("general", "mean_score"))
+
+# --- judge templates -----------------------------------------------------------------------------------
+
+# D-Acc judge: a binary verdict against the reference; parse_verdict reads the reply.
+DOMAIN_JUDGE = PromptTemplate(
+    name="domain_judge",
+    system="You are a strict grader. You decide whether a candidate answer is correct, given a reference answer.",
+    user=(
+        "Question: {question}\n\n"
+        "Reference answer:\n{answer}\n\n"
+        "Candidate answer:\n{candidate}\n\n"
+        "Is the candidate answer correct: does it agree with the reference on what the question asks, "
+        "with nothing that contradicts it? Reply with one line: Verdict: correct, or Verdict: incorrect"
+    ),
+    reply_prefix="Verdict:",
+)
+
+# General QA judge (MS-Bench / MT-Bench style), 1-10; judging.parse_score reads the reply.
+GENERAL_JUDGE = PromptTemplate(
+    name="general_judge",
+    system="You are a careful evaluator of the answers of AI assistants.",
+    user=(
+        "Rate the answer below for helpfulness, correctness and clarity, from 1 (useless or wrong) "
+        "to 10 (excellent).\n\n"
+        "Question:\n{question}\n\n"
+        "Answer:\n{answer}\n\n"
+        "Reply with one line: Score: <number from 1 to 10>"
+    ),
+    reply_prefix="Score:",
+)
+
+
+# --- pure pieces -----------------------------------------------------------------------------------------
+
+_POSITIVE = {"correct", "right", "true", "yes", "accurate"}
+_NEGATIVE = {"incorrect", "wrong", "false", "no", "inaccurate", "not correct", "not right", "not accurate"}
+_LABEL = r"(not\s+correct|not\s+right|not\s+accurate|incorrect|inaccurate|correct|accurate|right|wrong|true|false|yes|no)"
+_EXPLICIT = re.compile(r"\b(?:verdict|answer|judgement|judgment)\b\s*(?:is|:|=|-)?\s*" + _LABEL + r"\b")
+_WORDS = re.compile(r"\b" + _LABEL + r"\b")
+# words that may stand alone in a reply but are too common to count inside running text
+_FIRST_WORD_ONLY = {"yes", "no", "true", "false", "right"}
+
+
+def _label(word: str) -> bool:
+    return " ".join(word.split()) in _POSITIVE
+
+
+def parse_verdict(text: str) -> bool | None:
+    """True (correct), False (incorrect), or None when the reply holds no unambiguous verdict.
+
+    "Verdict: correct" (any case, markdown stripped) decides first, unless the reply also gives the
+    opposite verdict that way; then a reply that opens with a verdict word ("Incorrect.", "Yes, ...");
+    then a reply whose verdict words in running text ("correct", "incorrect", "wrong", "not correct",
+    ...) all agree. Conflicting words give None, as does "yes"/"no" inside running text.
+    """
+    if not text:
+        return None
+    t = re.sub(r"[*_`#\"'\[\]]", " ", text.lower())
+    explicit = {_label(w) for w in _EXPLICIT.findall(t)}
+    if explicit:  # a judge that parrots "Verdict: correct, or Verdict: incorrect" has decided nothing
+        return explicit.pop() if len(explicit) == 1 else None
+    first = re.match(r"\s*[:\-.,]*\s*" + _LABEL + r"\b", t)
+    if first:
+        return _label(first.group(1))
+    found = {_label(w) for w in _WORDS.findall(t) if w not in _FIRST_WORD_ONLY}
+    return found.pop() if len(found) == 1 else None
+
+
+def majority_vote(votes: Sequence[bool | None]) -> bool | None:
+    """Correct when more readable votes say correct than incorrect; a tie is incorrect; no readable vote: None."""
+    readable = [v for v in votes if v is not None]
+    if not readable:
+        return None
+    yes = sum(readable)
+    return yes > len(readable) - yes
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lowercased word tokens: LCS length against both lengths. Two empty texts give 1."""
+    c, r = _tokens(candidate), _tokens(reference)
+    if not c or not r:
+        return 1.0 if not c and not r else 0.0
+    prev = [0] * (len(r) + 1)
+    for cw in c:  # LCS by dynamic programming, one row at a time
+        cur = [0]
+        for j, rw in enumerate(r):
+            cur.append(prev[j] + 1 if cw == rw else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(c), lcs / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+def _verdict_score(text: str) -> float | None:
+    v = parse_verdict(text)
+    return None if v is None else float(v)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def retention(results: dict, base_results: dict) -> dict:
+    """score / base score for each general metric both results hold (None where the base is 0)."""
+    out = {}
+    for suite, metric in RETENTION_METRICS:
+        score = (results.get(suite) or {}).get(metric)
+        base = (base_results.get(suite) or {}).get(metric)
+        if score is None or base is None:
+            continue
+        out[f"{suite}.{metric}"] = {"score": score, "base": base, "retention": score / base if base else None}
+    return out
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = field(metadata={"help": "the model to evaluate: 'default', folder, .gguf, hub id or server"})
+    base_model: str = field(default="default", metadata={"help": "the model before tuning (drift, weights)"})
+    suites: tuple[str, ...] = field(default=("domain",), metadata={"help": f"any of {', '.join(SUITES)}"})
+    out_dir: str = "runs"
+    name: str | None = field(default=None, metadata={"help": "run folder eval-<name> [eval-<hash>]"})
+    base_results: str | None = field(default=None, metadata={"help": "the base model's results.json, for retention"})
+    domain_data: str | None = field(default=None, metadata={"help": "held-out QA data (a refine run's heldout.jsonl)"})
+    domain_limit: int | None = None
+    judges: tuple[str, ...] = field(default=("default",), metadata={"help": "judge backends (domain, general)"})
+    judge_retries: int = 2
+    judge_max_new_tokens: int = 24
+    encoder: str = field(default="default", metadata={"help": "sentence encoder of the domain cosine"})
+    ifeval_data: str | None = None
+    ifeval_limit: int | None = None
+    mmlu_folder: str | None = None
+    mmlu_subjects: tuple[str, ...] | None = field(default=None, metadata={"help": "None: all subjects"})
+    mmlu_limit_per_subject: int | None = None
+    mmlu_shots: int = 0
+    mmlu_form: str = "cloze"
+    general_data: str | None = field(default=None, metadata={"help": "general prompts (MT-Bench question.jsonl, ...)"})
+    general_limit: int | None = None
+    max_new_tokens: int = 256
+    seed: int = 0
+    # Execution settings: they change how fast, not what (left out of the run hash).
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        suites = (self.suites.split(",") if isinstance(self.suites, str) else list(self.suites))
+        suites = tuple(dict.fromkeys(s.strip() for s in suites if s.strip()))
+        object.__setattr__(self, "suites", suites)
+        object.__setattr__(self, "judges", tuple(self.judges))
+        if isinstance(self.mmlu_subjects, str):
+            object.__setattr__(self, "mmlu_subjects", tuple(s.strip() for s in self.mmlu_subjects.split(",") if s.strip()))
+        elif self.mmlu_subjects is not None:
+            object.__setattr__(self, "mmlu_subjects", tuple(self.mmlu_subjects))
+        needs = {"domain": "domain_data", "ifeval": "ifeval_data", "mmlu": "mmlu_folder", "general": "general_data",
+                 "drift": "general_data"}
+        remote = [s for s in LOCAL_SUITES if s in suites and is_remote_spec(self.model)]
+        checks = [
+            (bool(self.model), "model is required"),
+            (bool(suites), f"at least one suite is needed; known: {', '.join(SUITES)}"),
+            (not (unknown := [s for s in suites if s not in SUITES]),
+             f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}"),
+            (not remote, f"suite(s) {remote} read the model's logits or weights: pass a local model, not a server"),
+            (len(self.judges) >= 1, "at least one judge is needed"),
+            (self.mmlu_form in ("letter", "cloze"), f"mmlu_form must be letter or cloze, got {self.mmlu_form!r}"),
+            (self.mmlu_shots >= 0, f"mmlu_shots must be >= 0, got {self.mmlu_shots}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.judge_max_new_tokens >= 1, f"judge_max_new_tokens must be >= 1, got {self.judge_max_new_tokens}"),
+            (self.judge_retries >= 0, f"judge_retries must be >= 0, got {self.judge_retries}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+        ]
+        for name in ("domain_limit", "ifeval_limit", "mmlu_limit_per_subject", "general_limit"):
+            value = getattr(self, name)
+            checks.append((value is None or value >= 1, f"{name} must be >= 1, got {value}"))
+        for suite in suites:
+            if suite in needs:
+                checks.append((getattr(self, needs[suite]) is not None,
+                               f"suite {suite} needs {needs[suite]} (--{needs[suite].replace('_', '-')})"))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def output_settings(self) -> dict:
+        skip = {"out_dir", "name", "batch_size", "device", "dtype"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def run_dir_for(cfg: EvalConfig) -> Path:
+    return Path(cfg.out_dir) / f"eval-{cfg.name or stable_hash(cfg.output_settings(), 12)}"
+
+
+# --- generation with progress ------------------------------------------------------------------------------
+
+def _chat(gen: Generator, convs: list[Messages], params: SamplingParams, what: str, progress: bool) -> list:
+    """``gen.chat`` in steps of its batch size, with a progress bar (generation is the slow part)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    step = getattr(gen, "batch_size", 32)
+    out = []
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress) as bar:
+        task = bar.add_task(what, total=len(convs))
+        for s in range(0, len(convs), step):
+            out.extend(gen.chat(convs[s : s + step], params))
+            bar.update(task, advance=len(convs[s : s + step]))
+    return out
+
+
+def _greedy(cfg: EvalConfig) -> SamplingParams:
+    return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+
+
+def _user(text: str, system: str | None = None) -> Messages:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+# --- suites ----------------------------------------------------------------------------------------------
+
+def eval_domain(cfg: EvalConfig, model: Generator, judges: list[Generator], progress: bool) -> tuple[dict, list[dict]]:
+    from raftune.data import load_qa
+    from raftune.models import load_encoder
+    from raftune.similarity import SemanticFilter
+
+    examples, _ = load_qa(cfg.domain_data, limit=cfg.domain_limit)
+    answers = [c.text for c in _chat(model, [_user(ex.question, ex.system) for ex in examples], _greedy(cfg),
+                                     "domain answers", progress)]
+    prompts = [DOMAIN_JUDGE.render(question=ex.question, answer=ex.answer, candidate=a) for ex, a in zip(examples, answers)]
+    verdicts = score_with_judges(judges, prompts, max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries,
+                                 seed=cfg.seed, parse=_verdict_score)
+    cosines = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device)).similarities(
+        [ex.answer for ex in examples], answers)
+    rows = []
+    for ex, answer, vs, cos in zip(examples, answers, verdicts, cosines):
+        votes = [None if v.score is None else v.score == 1.0 for v in vs]
+        rows.append({"key": ex.key, "question": ex.question, "reference": ex.answer, "answer": answer,
+                     "verdicts": [{"judge": v.judge, "correct": vote, "reply": v.reply, "attempts": v.attempts}
+                                  for v, vote in zip(vs, votes)],
+                     "correct": majority_vote(votes), "rouge_l": rouge_l(answer, ex.answer), "cosine": cos})
+    judged = [r["correct"] for r in rows if r["correct"] is not None]
+    summary = {
+        "d_acc": sum(judged) / len(judged) if judged else None,
+        "n": len(rows),
+        "n_judged": len(judged),
+        "n_unjudged": len(rows) - len(judged),  # no judge gave a readable verdict
+        "unreadable_verdicts": sum(v["correct"] is None for r in rows for v in r["verdicts"]),
+        "rouge_l": _mean([r["rouge_l"] for r in rows]),
+        "cosine": _mean([r["cosine"] for r in rows]),
+        "judges": [j.name for j in judges],
+    }
+    return summary, rows
+
+
+def eval_ifeval(cfg: EvalConfig, model: Generator, progress: bool) -> tuple[dict, list[dict]]:
+    from raftune.ifeval import load_ifeval, score
+
+    prompts = load_ifeval(cfg.ifeval_data)[: cfg.ifeval_limit]
+    responses = [c.text for c in _chat(model, [_user(p.prompt) for p in prompts], _greedy(cfg), "ifeval", progress)]
+    result = score(prompts, responses)
+    rows = [{**r, "prompt": p.prompt, "response": resp, "instruction_ids": p.instruction_ids}
+            for p, resp, r in zip(prompts, responses, result.pop("per_prompt"))]
+    return result, rows
+
+
+def eval_mmlu(cfg: EvalConfig, model: Generator, progress: bool) -> tuple[dict, list[dict]]:
+    from raftune.mmlu import load_mmlu, score_mmlu
+
+    subjects = list(cfg.mmlu_subjects) if cfg.mmlu_subjects is not None else None
+    questions = load_mmlu(cfg.mmlu_folder, "test", subjects=subjects, limit_per_subject=cfg.mmlu_limit_per_subject)
+    result = score_mmlu(model.model, model.tokenizer, questions, shots=cfg.mmlu_shots, form=cfg.mmlu_form,
+                        folder=cfg.mmlu_folder, batch_size=cfg.batch_size, progress=progress)
+    rows = [{**r, "question": q.question, "choices": list(q.choices)}
+            for q, r in zip(questions, result.pop("per_question"))]
+    return result, rows
+
+
+def eval_general(cfg: EvalConfig, model: Generator, judges: list[Generator], progress: bool) -> tuple[dict, list[dict]]:
+    from raftune.forgetting import load_general_prompts
+
+    prompts = load_general_prompts(cfg.general_data, limit=cfg.general_limit)
+    answers = [c.text for c in _chat(model, [_user(p) for p in prompts], _greedy(cfg), "general answers", progress)]
+    verdicts = score_with_judges(judges, [GENERAL_JUDGE.render(question=p, answer=a) for p, a in zip(prompts, answers)],
+                                 max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries, seed=cfg.seed)
+    rows = [{"prompt": p, "answer": a, "score": mean_score(vs),
+             "verdicts": [{"judge": v.judge, "score": v.score, "reply": v.reply, "attempts": v.attempts} for v in vs]}
+            for p, a, vs in zip(prompts, answers, verdicts)]
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    summary = {"mean_score": _mean(scored), "n": len(rows), "n_scored": len(scored),
+               "n_unscored": len(rows) - len(scored), "scale": [1, 10], "judges": [j.name for j in judges]}
+    return summary, rows
+
+
+def eval_drift(cfg: EvalConfig, model: Generator, base: Generator) -> tuple[dict, list[dict]]:
+    from raftune.forgetting import base_answers, drift, load_general_prompts
+
+    prompts = load_general_prompts(cfg.general_data, limit=cfg.general_limit)
+    answers = base_answers(base.model, base.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size)
+    result = drift(base.model, model.model, base.tokenizer, prompts, answers, batch_size=max(1, cfg.batch_size // 2))
+    rows = [{"prompt": p, "base_answer": a, **r} for p, a, r in zip(prompts, answers, result.pop("per_prompt"))]
+    return result, rows
+
+
+def eval_weights(model: Generator, base: Generator, run: Path) -> tuple[dict, list[dict]]:
+    from raftune.forgetting import plot_weight_distance, weight_distance
+
+    result = weight_distance(base.model, model.model)
+    png = plot_weight_distance(result, run / "weight_distance.png", title=f"{model.name} vs {base.name}")
+    rows = [{"tensor": n, "distance": d} for n, d in result.pop("per_tensor").items()]
+    return {**result, "plot": str(png)}, rows
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
+    """Run ``cfg.suites`` and write the run folder; returns its path."""
+    base_results = None
+    if cfg.base_results is not None:  # read first: a bad path fails before hours of generation
+        try:
+            base_results = json.loads(Path(cfg.base_results).read_text(encoding="utf-8"))["suites"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg.base_results}: not a readable eval results.json ({type(e).__name__}: {e})") from None
+    run = run_dir_for(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    opts = dict(batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
+    model = open_generator(cfg.model, **opts)
+    judges = [open_generator(j, **opts) for j in cfg.judges] if {"domain", "general"} & set(cfg.suites) else []
+    base = open_generator(cfg.base_model, **opts) if {"drift", "weights"} & set(cfg.suites) else None
+
+    summaries: dict[str, dict] = {}
+    for suite in cfg.suites:
+        if suite == "domain":
+            summary, rows = eval_domain(cfg, model, judges, progress)
+        elif suite == "ifeval":
+            summary, rows = eval_ifeval(cfg, model, progress)
+        elif suite == "mmlu":
+            summary, rows = eval_mmlu(cfg, model, progress)
+        elif suite == "general":
+            summary, rows = eval_general(cfg, model, judges, progress)
+        elif suite == "drift":
+            summary, rows = eval_drift(cfg, model, base)
+        else:
+            summary, rows = eval_weights(model, base, run)
+        atomic_write_jsonl(run / f"{suite}.jsonl", rows)
+        summaries[suite] = summary
+    results = {"suites": summaries, "config": dataclasses.asdict(cfg), "run_dir": str(run)}
+    if base_results is not None:
+        results["retention"] = retention(summaries, base_results)
+    atomic_write_json(run / "results.json", results)
+    return run
