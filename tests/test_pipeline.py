@@ -17,6 +17,8 @@ def test_run_refines_then_trains_each_method(tmp_path, tiny_model_dir):
                    "tau": -1.0, "test_fraction": 0.25, "device": "cpu"},
         "train": {"batch_size": 3, "max_steps": 2, "rollout_max_new_tokens": 4, "top_k": 8, "device": "cpu"},
         "methods": ["raft", "sft"],
+        "eval": {"suites": ["domain", "weights"], "max_new_tokens": 4, "judge_max_new_tokens": 4, "judge_retries": 0,
+                 "device": "cpu"},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -31,6 +33,13 @@ def test_run_refines_then_trains_each_method(tmp_path, tiny_model_dir):
         assert run_cfg["eval_data"].endswith("heldout.jsonl") and run_cfg["learning_rate"] == 0.001
         assert run_cfg["answer_field"] == ("original_answer" if m == "sft" else "answer")
     assert "held-out domain loss" in result.output
+    # the base model and each method evaluated on the same held-out split, then compared
+    comparison = tmp_path / "runs" / summary["comparison"]["dir"].split("/")[-1]
+    table = json.loads((comparison / "comparison.json").read_text())
+    assert list(table["rows"]) == ["base", "raft", "sft"]
+    assert table["rows"]["base"]["weight dist."] == 0.0 and table["rows"]["sft"]["weight dist."] > 0
+    assert all(table["rows"][m]["ROUGE-L"] is not None for m in table["rows"])
+    assert "Results (Table 1 shape)" in result.output
 
 
 def test_run_rejects_unknown_sections_and_methods(tmp_path):

@@ -245,6 +245,9 @@ def run(
     print(f"refine: {refine_dir / 'fused.jsonl'}  (summary: {refine_dir / 'summary.json'})")
     for m, r in result["methods"].items():
         print(f"{m}: held-out domain loss {r['base_domain_loss']:.4f} (base) -> {r['domain_loss']:.4f}; model {r['model']}")
+    if "comparison" in result:
+        sys.stdout.write("\n" + result["comparison"]["markdown"])
+        print(f"comparison: {result['comparison']['dir']}")
 
 
 def _csv(text: Optional[str]) -> Optional[tuple[str, ...]]:

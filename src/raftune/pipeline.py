@@ -1,19 +1,25 @@
-"""``raftune run``: refine, then train each method on the result, from one config file.
+"""``raftune run``: refine, train each method on the result, evaluate them all, compare.
 
     raftune run --config configs/demo.yaml
 
 The YAML has a ``refine`` section (RefineConfig fields), a ``train`` section (TrainConfig fields
-shared by all methods) and ``methods`` (default ``[raft]``). Every method trains on the refine run's
-training split and reports its held-out domain loss on the same ``heldout.jsonl``; ``sft`` trains on
-the original answers, the others on the fused ones. Each stage resumes from its files, so running
-the same command again after an interruption continues where it stopped.
+shared by all methods), ``methods`` (default ``[raft]``) and an optional ``eval`` section
+(EvalConfig fields but the model). Every method trains on the refine run's training split and
+reports its held-out domain loss on the same ``heldout.jsonl``; ``sft`` trains on the original
+answers, the others on the fused ones. With ``eval``, the base model and every trained one are
+evaluated on the same suites (the domain suite on ``heldout.jsonl``), and ``raftune compare`` puts
+them side by side. Refine and train resume from their files, so running the same command again
+after an interruption continues where it stopped.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
+from raftune.compare import compare
+from raftune.evaluate import EvalConfig, evaluate
 from raftune.files import atomic_write_json
 from raftune.refine import RefineConfig, refine
 from raftune.train import METHODS, TrainConfig, train
@@ -28,6 +34,7 @@ class RunConfig:
     refine: RefineConfig
     train: dict  # TrainConfig fields shared by every method (data and method are filled in per method)
     methods: tuple[str, ...] = ("raft",)
+    eval: dict | None = None  # EvalConfig fields shared by every evaluation (model and domain data are filled in)
 
     def __post_init__(self):
         if unknown := [m for m in self.methods if m not in METHODS]:
@@ -35,13 +42,18 @@ class RunConfig:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown := set(self.train) - fields:
             raise ValueError(f"train: unknown setting(s) {sorted(unknown)}")
+        if self.eval is not None:
+            eval_fields = {f.name for f in dataclasses.fields(EvalConfig)} - {"model", "base_results", "name"}
+            if unknown := set(self.eval) - eval_fields:
+                raise ValueError(f"eval: unknown setting(s) {sorted(unknown)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        if unknown := set(d) - {"refine", "train", "methods"}:
-            raise ValueError(f"unknown section(s) {sorted(unknown)}; use refine, train, methods")
+        if unknown := set(d) - {"refine", "train", "methods", "eval"}:
+            raise ValueError(f"unknown section(s) {sorted(unknown)}; use refine, train, methods, eval")
         return cls(refine=RefineConfig(**(d.get("refine") or {})), train=dict(d.get("train") or {}),
-                   methods=tuple(d.get("methods") or ("raft",)))
+                   methods=tuple(d.get("methods") or ("raft",)),
+                   eval=dict(d["eval"] or {}) if "eval" in d else None)
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
@@ -58,5 +70,24 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
         results["methods"][method] = {"run_dir": str(run), "model": str(run / "model"),
                                       "base_domain_loss": evals[0]["eval_domain_loss"] if evals else None,
                                       "domain_loss": evals[-1]["eval_domain_loss"] if evals else None}
+    if cfg.eval is not None:
+        results["comparison"] = _evaluate_all(cfg, refine_dir, results, progress)
     atomic_write_json(refine_dir / "pipeline.json", results)
     return results
+
+
+def _evaluate_all(cfg: RunConfig, refine_dir: Path, results: dict, progress: bool) -> dict:
+    """The base model, then every trained one, on the same suites; then the side-by-side table."""
+    common = {"out_dir": str(refine_dir.parent), "base_model": cfg.refine.model,
+              "domain_data": str(refine_dir / "heldout.jsonl"), **cfg.eval}
+    tag = refine_dir.name.removeprefix("refine-")
+    base_run = evaluate(EvalConfig(model=cfg.refine.model, name=f"{tag}-base", **common), progress=progress)
+    runs, labels = [base_run], ["base"]
+    for method, r in results["methods"].items():
+        run = evaluate(EvalConfig(model=r["model"], name=f"{tag}-{method}", base_results=str(base_run / "results.json"),
+                                  **common), progress=progress)
+        r["eval_dir"] = str(run)
+        runs.append(run)
+        labels.append(method)
+    table = compare(runs, labels, refine_dir.parent / f"compare-{tag}")
+    return {"dir": str(refine_dir.parent / f"compare-{tag}"), "markdown": table["markdown"], "plots": table["plots"]}
