@@ -40,6 +40,7 @@ def test_run_refines_then_trains_each_method(tmp_path, tiny_model_dir):
     assert table["rows"]["base"]["weight dist."] == 0.0 and table["rows"]["sft"]["weight dist."] > 0
     assert all(table["rows"][m]["ROUGE-L"] is not None for m in table["rows"])
     assert "Results (Table 1 shape)" in result.output
+    assert (comparison / "training_curves.png").exists()  # CE/KL/lambda of the trained methods
 
 
 def test_run_rejects_unknown_sections_and_methods(tmp_path):

@@ -5,8 +5,9 @@
 Each argument is an eval run folder (or its results.json). Rows are the runs (labelled by
 ``--label`` or the folder name); columns are D-Acc and each general metric, with the change vs the
 run labelled ``sft`` when there is one (Table 1), and the retention of every general metric vs the
-run labelled ``base`` (Table 4). Written as Markdown and JSON, with plots: retention bars and the
-trade-off scatter (D-Acc vs mean general retention).
+run labelled ``base`` (Table 4). Written as Markdown and JSON, with plots: retention bars, the
+trade-off scatter (D-Acc vs mean general retention), and the training curves (CE, KL, lambda) of the
+runs whose model came from ``raftune train``.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def to_markdown(table: dict) -> str:
     return out
 
 
-def plot_comparison(table: dict, out_dir: Path) -> list[Path]:
+def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +130,33 @@ def plot_comparison(table: dict, out_dir: Path) -> list[Path]:
             written.append(out_dir / "tradeoff.png")
             fig.savefig(written[-1], dpi=120)
             plt.close(fig)
+    curves = {label: _training_metrics(r) for label, r in runs_by_label.items()} if runs_by_label else {}
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        keys = [k for k in ("ce", "kl", "lambda") if any(k in row for rows in curves.values() for row in rows)]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for label, rows in curves.items():
+                pts = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.legend()
+        fig.tight_layout()
+        written.append(out_dir / "training_curves.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     return written
+
+
+def _training_metrics(results: dict) -> list[dict]:
+    """The per-step training metrics of the model an eval run evaluated, when it came from `raftune train`."""
+    model = Path(str(results.get("config", {}).get("model", "")))
+    path = model.parent / "metrics.jsonl"
+    if not model.name or not path.exists():
+        return []
+    return [row for row in map(json.loads, path.read_text().splitlines()) if "lr" in row]
 
 
 def compare(run_args: list[str | Path], labels: list[str] | None, out_dir: str | Path) -> dict:
@@ -145,6 +172,6 @@ def compare(run_args: list[str | Path], labels: list[str] | None, out_dir: str |
     md = to_markdown(table)
     atomic_write_text(out / "comparison.md", md)
     atomic_write_json(out / "comparison.json", table)
-    table["plots"] = [str(p) for p in plot_comparison(table, out)]
+    table["plots"] = [str(p) for p in plot_comparison(table, out, runs)]
     table["markdown"] = md
     return table
