@@ -57,3 +57,10 @@ def test_compare_command(tmp_path):
     assert "| raft | 12.0 (+1.0 vs SFT)" in result.output and "Retention vs base" in result.output
     bad = CliRunner().invoke(app, ["compare", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no results.json" in bad.output
+
+
+def test_without_general_metrics_there_is_no_retention(tmp_path):
+    only_domain = {"domain": {"d_acc": 0.5, "rouge_l": 0.2}, "weights": {"mean": 0.0}}
+    folders = [write(tmp_path, n, only_domain) for n in ("base", "raft")]
+    out = compare(folders, None, tmp_path / "cmp")
+    assert "Retention" not in out["markdown"] and out["plots"] == []

@@ -84,8 +84,8 @@ def to_markdown(table: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = "## Results (Table 1 shape)\n\nPercentages for accuracies; change vs the run labelled `sft` in brackets.\n\n"
     out += "\n".join(lines) + "\n"
-    if table["retention"]:
-        gcols = [c for c, _, _ in GENERAL if any(r.get(c) is not None for r in table["retention"].values())]
+    gcols = [c for c, _, _ in GENERAL if any(r.get(c) is not None for r in table["retention"].values())]
+    if gcols:  # retention exists only for general metrics
         out += "\n## Retention vs base (Table 4 shape)\n\n| method | " + " | ".join(gcols) + " |\n"
         out += "|---" * (len(gcols) + 1) + "|\n"
         for label, r in table["retention"].items():
@@ -101,8 +101,8 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
 
     written = []
     ret = table["retention"]
-    if ret:
-        gcols = [c for c, _, _ in GENERAL if any(r.get(c) is not None for r in ret.values())]
+    gcols = [c for c, _, _ in GENERAL if any(r.get(c) is not None for r in ret.values())]
+    if gcols:  # retention bars and the trade-off need general metrics
         fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(gcols) * max(1, len(ret)) / 2, 3.6))
         width = 0.8 / max(1, len(ret))
         for i, (label, r) in enumerate(ret.items()):
