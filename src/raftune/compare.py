@@ -111,10 +111,7 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
         ax.set_xticks([j + width * (len(ret) - 1) / 2 for j in range(len(gcols))], gcols)
         ax.set_ylabel("retention vs base (%)")
         ax.legend()
-        fig.tight_layout()
-        written.append(out_dir / "retention.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "retention.png"))
         pts = [(label, table["rows"][label].get("D-Acc"), [v for v in r.values() if v is not None])
                for label, r in ret.items()]
         pts = [(label, d, sum(v) / len(v)) for label, d, v in pts if d is not None and v]
@@ -126,10 +123,7 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
             ax.set_xlabel("D-Acc (%)")
             ax.set_ylabel("mean general retention (%)")
             ax.set_title("Domain gain vs general ability")
-            fig.tight_layout()
-            written.append(out_dir / "tradeoff.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
+            written.append(_save(fig, out_dir / "tradeoff.png"))
     curves = {label: _training_metrics(r) for label, r in runs_by_label.items()} if runs_by_label else {}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
@@ -143,11 +137,17 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.legend()
-        fig.tight_layout()
-        written.append(out_dir / "training_curves.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "training_curves.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _training_metrics(results: dict) -> list[dict]:
