@@ -193,7 +193,7 @@ class TokenLosses(torch.nn.Module):
 
 
 @torch.no_grad()
-def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len: int, eot: int) -> float:
+def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len: int, eot: int, chunk: int = 64) -> float:
     """Mean cross-entropy per answer token of ``examples`` (the held-out domain loss)."""
     device = next(model.parameters()).device
     was = model.training
@@ -203,7 +203,7 @@ def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len:
         batch = examples[s : s + batch_size]
         prompts = [chat_prompt_ids(tok, ex.question, ex.system) for ex in batch]
         ids, attn, labels, lmask, _ = answer_batch(tok, prompts, [ex.answer for ex in batch], eot, max_len, tok.pad_token_id)
-        ce = model("ce", ids.to(device), attn.to(device), labels=labels.to(device), mask=lmask.to(device), chunk=64)
+        ce = model("ce", ids.to(device), attn.to(device), labels=labels.to(device), mask=lmask.to(device), chunk=chunk)
         total += float(ce.sum())
         n += int(lmask.sum())
     model.train(was)
@@ -275,8 +275,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     writer = _tensorboard(run) if cfg.tensorboard and acc.is_main_process else None
+    def held_out_loss() -> float:
+        return domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot, cfg.loss_chunk)
+
     if state["step"] == 0 and eval_set and acc.is_main_process:
-        _log(run, writer, {"step": 0, "eval_domain_loss": domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot)})
+        _log(run, writer, {"step": 0, "eval_domain_loss": held_out_loss()})
 
     def micro_batches():
         """Every micro-batch of the run in order, from a seeded permutation per epoch; skips what is done."""
@@ -388,7 +391,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 row["lambda"] = lam
                 row["ce_over_lambda_kl"] = ce_step / (lam * kl_step) if lam * kl_step > 0 else None
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and eval_set:
-                row["eval_domain_loss"] = domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot)
+                row["eval_domain_loss"] = held_out_loss()
             if acc.is_main_process:
                 _log(run, writer, row)
             bar.update(task, advance=1, info=" ".join(f"{k} {row[k]:.3g}" for k in ("ce", "kl", "lambda") if row.get(k) is not None))
@@ -403,7 +406,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # --- evaluate, save the model, plot
     if eval_set and acc.is_main_process:
-        _log(run, writer, {"step": state["step"], "eval_domain_loss": domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot)})
+        _log(run, writer, {"step": state["step"], "eval_domain_loss": held_out_loss()})
     if state["truncated_references"]:
         log.warning("%d teacher references were longer than max_reference_tokens=%d and were cut",
                     state["truncated_references"], cfg.max_reference_tokens)
