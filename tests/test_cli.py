@@ -18,6 +18,15 @@ def test_bad_row_is_named_by_file_line_and_field(tmp_path):
     assert not (tmp_path / "runs").exists()  # failed before any work, nothing half-written
 
 
+def test_error_text_with_brackets_is_printed_as_is(tmp_path):
+    """A message holding rich markup ("[/red]") must not crash the error printer."""
+    data = tmp_path / "odd[/red]name.jsonl"  # a folder "odd[" holding "red]name.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"question": "q1", "answer": ""}\n')
+    result = runner.invoke(app, ["refine", "--data", str(data), "--out-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "odd[/red]name.jsonl:1" in "".join(result.output.split()), result.output
+
+
 def test_yaml_config_with_unknown_setting(tmp_path):
     cfg = tmp_path / "refine.yaml"
     cfg.write_text("data: demo\ntua: 0.5\n")

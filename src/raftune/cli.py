@@ -28,6 +28,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Domain fine-
 console = Console(stderr=True, soft_wrap=True)  # never break a path or message across lines
 
 
+def fail(error) -> None:
+    """Print an error; its text is escaped, since paths and messages may hold [brackets] that rich reads as markup."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(error))}")
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
@@ -110,7 +117,7 @@ def refine(
         t0 = time.perf_counter()
         run = run_refine(cfg)
     except _stage_errors() as e:
-        console.print(f"[red]error:[/red] {e}")
+        fail(e)
         raise typer.Exit(2) from None
     elapsed = time.perf_counter() - t0
     _print_outputs(run, elapsed)
@@ -142,12 +149,12 @@ def merge(run_dir: Path = typer.Argument(..., help="a refine run folder holding 
 
     _setup_logging(False)
     if not (run_dir / "targets.json").exists():
-        console.print(f"[red]error:[/red] {run_dir}: not a refine run folder (no targets.json)")
+        fail(f"{run_dir}: not a refine run folder (no targets.json)")
         raise typer.Exit(2)
     try:
         run_merge(run_dir)
     except MergeError as e:
-        console.print(f"[red]error:[/red] {e}")
+        fail(e)
         raise typer.Exit(2) from None
     _print_outputs(run_dir, 0.0)
 
@@ -211,7 +218,7 @@ def train(
                            grad_accum=grad_accum, lr=lr, eval_data=eval_data, device=device)
         run = run_train(cfg)
     except _stage_errors() as e:
-        console.print(f"[red]error:[/red] {e}")
+        fail(e)
         raise typer.Exit(2) from None
     print(f"model:   {run / 'model'}")
     print(f"metrics: {run / 'metrics.jsonl'}  (plot: {run / 'training_curves.png'})")
@@ -239,7 +246,7 @@ def run(
         cfg = RunConfig.from_dict(raw)
         result = run_pipeline(cfg)
     except (*_stage_errors(), TypeError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        fail(e)
         raise typer.Exit(2) from None
     refine_dir = Path(result["refine_dir"])
     print(f"refine: {refine_dir / 'fused.jsonl'}  (summary: {refine_dir / 'summary.json'})")
@@ -300,7 +307,7 @@ def eval_cmd(
         )
         run = evaluate(cfg)
     except _stage_errors() as e:
-        console.print(f"[red]error:[/red] {e}")
+        fail(e)
         raise typer.Exit(2) from None
     results = json.loads((run / "results.json").read_text())
     for suite_name, summary in results["suites"].items():
@@ -326,7 +333,7 @@ def compare(
     try:
         table = run_compare(runs, label, out)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        fail(e)
         raise typer.Exit(2) from None
     sys.stdout.write(table["markdown"])
     print(f"\nwritten: {out / 'comparison.md'}, {out / 'comparison.json'}" + "".join(f", {p}" for p in table["plots"]))
