@@ -171,9 +171,14 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_
     assert steps[-1] == 8 and set(steps) == set(range(1, 9))
 
 
-@pytest.mark.parametrize("method, extra", [("raft", []), ("raft", ["--lora"]), ("sft", [])])
+FSDP = ["--set", "fsdp=true"]
+
+
+@pytest.mark.parametrize("method, extra", [("raft", []), ("raft", ["--lora"]), ("sft", []),
+                                           ("raft", FSDP), ("raft", ["--lora", *FSDP]), ("sft", FSDP)])
 def test_two_data_parallel_processes_equal_one(tmp_path, tiny_model_dir, method, extra):
-    """torchrun with 2 CPU processes (DDP over gloo) x batch 2 gives the weights of one process x batch 4."""
+    """torchrun with 2 CPU processes (DDP, or FSDP2 with student and teacher sharded, over gloo) x batch 2
+    gives the weights of one process x batch 4."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     data = write_fused(tmp_path / "fused.jsonl")
     common = ["train", "--method", method, "--data", str(data), "--model", str(tiny_model_dir), "--out-dir",
@@ -182,6 +187,7 @@ def test_two_data_parallel_processes_equal_one(tmp_path, tiny_model_dir, method,
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "raftune", *common,
                           "--batch-size", "2", "--set", "name=ddp"], env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ("2 process(es), fsdp" in ddp.stderr) == (FSDP[1] in extra), ddp.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "raftune", *common, "--batch-size", "4", "--set", "name=one"],
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -191,3 +197,35 @@ def test_two_data_parallel_processes_equal_one(tmp_path, tiny_model_dir, method,
     for k in a:  # the all-reduce sums in another order; Adam's first steps magnify rounding of tiny gradients
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert metrics(tmp_path / "runs" / "ddp")[-1]["ce"] == pytest.approx(metrics(tmp_path / "runs" / "one")[-1]["ce"], rel=1e-5)
+
+
+def test_fsdp_run_stopped_by_sigterm_resumes_on_one_process(tmp_path, tiny_model_dir):
+    """SIGTERM to torchrun: both FSDP processes stop after the same step and gather one checkpoint; one
+    process resumes it (the format does not depend on the parallelism) and ends with the weights of a
+    run that was never interrupted."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    greedy = ["--set", "rollout_temperature=0"]  # the same rollouts whatever the process layout
+    straight = subprocess.run(_cli(tmp_path, tiny_model_dir, "straight", [*greedy, "--batch-size", "4"]),
+                              env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    cmd = _cli(tmp_path, tiny_model_dir, "sharded", greedy)  # 2 processes x batch 2
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *cmd[1:], *FSDP],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    run = tmp_path / "runs" / "sharded"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoint-2").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert "checkpoint saved" in out and not (run / "model").exists(), out[-3000:]
+    stopped_at = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    assert 2 <= stopped_at < 8
+
+    resumed = subprocess.run([*cmd, "--batch-size", "4"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stderr
+    a, b = weights(tmp_path / "runs" / "straight"), weights(run)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

@@ -4,6 +4,10 @@ A checkpoint folder ``checkpoint-<step>`` holds the trainable weights (LoRA adap
 model) as safetensors, the optimizer and scheduler states, every random generator's state, and
 ``state.json`` (step, data position, EMA balancer, counters). It is written under a temporary name
 and renamed, so a crash while saving leaves the previous checkpoint as the latest.
+
+Weights and optimizer state are full tensors keyed by parameter name, whatever the parallelism: a
+run saved under FSDP resumes under DDP or on one process, and the other way round. Under FSDP the
+gathering is collective, so every process calls ``save_checkpoint`` and only the main one writes.
 """
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from raftune.distributed import (
+    load_optimizer_state,
+    load_trainable_state,
+    optimizer_state,
+    trainable_state,
+)
+
 PREFIX = "checkpoint-"
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -39,14 +46,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
+                    write: bool = True) -> Path:
+    """``write=False``: take part in the gathering (FSDP) without writing (every process but the main one)."""
+    weights, optim = trainable_state(model), optimizer_state(model, optimizer)
     final = run / f"{PREFIX}{step}"
+    if not write:
+        return final
     tmp = run / f".{PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "optim_rng.pt")
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optim_rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -65,16 +76,13 @@ def list_checkpoints(run: Path) -> list[int]:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore everything saved by ``save_checkpoint``; returns its ``state.json``."""
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
     if missing:
         raise RuntimeError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (first: {missing[0]}); "
                            "was it saved with other LoRA or model settings?")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w.to(params[n].device, params[n].dtype))
+    load_trainable_state(model, weights)
     blob = torch.load(path / "optim_rng.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    load_optimizer_state(model, optimizer, blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return json.loads((path / "state.json").read_text())

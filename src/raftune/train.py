@@ -2,6 +2,7 @@
 
     raftune train --data runs/refine-<hash>/fused.jsonl --method raft --lora
     accelerate launch -m raftune train --config train.yaml        # several GPUs (DDP)
+    accelerate launch -m raftune train --config train.yaml --fsdp # several GPUs, weights sharded (FSDP2)
 
 One training function serves every method; a method is a choice of loss terms, data and teacher
 context (``METHODS``), not a subclass:
@@ -36,9 +37,23 @@ import torch
 from raftune import losses
 from raftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from raftune.data import QAExample, load_qa
+from raftune.distributed import (
+    gathered,
+    grad_norm_value,
+    load_trainable_state,
+    shard,
+    trainable_state,
+)
 from raftune.files import append_jsonl, atomic_write_json, stable_hash
 from raftune.rollout import RolloutConfig, sample_trajectories
-from raftune.sequences import TEACHER_CONTEXTS, answer_batch, chat_prompt_ids, end_of_turn_id, teacher_context_ids, trajectory_batch
+from raftune.sequences import (
+    TEACHER_CONTEXTS,
+    answer_batch,
+    chat_prompt_ids,
+    end_of_turn_id,
+    teacher_context_ids,
+    trajectory_batch,
+)
 
 log = logging.getLogger("raftune.train")
 
@@ -103,6 +118,7 @@ class TrainConfig:
     loss_chunk: int = field(default=64, metadata={"help": "sequence positions per chunk of the LM head and losses"})
     teacher_device: str | None = None
     teacher_dtype: str | None = None
+    fsdp: bool = field(default=False, metadata={"help": "shard student and teacher over the processes (FSDP2) instead of DDP"})
     # --- bookkeeping
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -124,6 +140,7 @@ class TrainConfig:
             (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be > 0"),
             (self.rollout_max_new_tokens >= 1, "rollout_max_new_tokens must be >= 1"),
+            (not (self.fsdp and self.teacher_device), "fsdp shards the teacher with the student: drop teacher_device"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -155,12 +172,16 @@ def build_models(cfg: TrainConfig, device: torch.device):
     if cfg.spec.kl and not cfg.lora:
         tdev = pick_device(cfg.teacher_device or str(device))
         teacher = TokenLosses(copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype)).eval().requires_grad_(False))
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
+    return TokenLosses(_with_lora(cfg, model)), teacher, tok
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
-    return TokenLosses(model), teacher, tok
+
+def _with_lora(cfg: TrainConfig, model):
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                            target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
 
 
 class TokenLosses(torch.nn.Module):
@@ -169,14 +190,21 @@ class TokenLosses(torch.nn.Module):
     only ever applied to chunks of the sequence (its full-vocabulary logits never exist for the batch).
 
     what="ce": per-token CE (B, T); "kl": per-token top-K KL on the positions ``pos`` (B, L);
-    "topk": the teacher's top-K log-probs and indices at ``pos`` ((B, L, K), (B, L, K)).
+    "topk": the teacher's top-K log-probs and indices at ``pos`` ((B, L, K), (B, L, K));
+    "rollout": ``sample_trajectories`` of the model. Rollouts go through this forward too, so that a
+    sharded (FSDP) or replicated (DDP) model runs them through its own hooks.
     """
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, what, ids, attn, pos=None, labels=None, mask=None, t_logp=None, t_idx=None, *,
+    def forward(self, what, *args, **kw):
+        if what == "rollout":
+            return sample_trajectories(self.lm, *args, **kw)
+        return self._losses(what, *args, **kw)
+
+    def _losses(self, what, ids, attn, pos=None, labels=None, mask=None, t_logp=None, t_idx=None, *,
                 chunk: int, k: int | None = None, temperature: float = 1.0, direction: str = "forward"):
         # only the last position's logits from the model itself: the full LM head is skipped
         h = self.lm(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
@@ -215,23 +243,34 @@ def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from accelerate import Accelerator
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from accelerate.utils import DistributedType
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers import get_scheduler
 
-    from raftune.models import pick_device
+    from raftune.models import load_model_and_tokenizer, pick_device
 
-    acc = Accelerator(cpu=pick_device(cfg.device).type == "cpu",
-                      mixed_precision="bf16" if torch.cuda.is_available() and cfg.device != "cpu" else "no")
+    bf16 = torch.cuda.is_available() and cfg.device != "cpu"
+    acc = Accelerator(cpu=pick_device(cfg.device).type == "cpu", mixed_precision="bf16" if bf16 else "no")
     torch.manual_seed(cfg.seed)
     spec = cfg.spec
-    log.info("%s on %s, %d process(es), %s", cfg.method, acc.device, acc.num_processes, acc.distributed_type.value)
+    fsdp = (cfg.fsdp or acc.distributed_type == DistributedType.FSDP) and acc.num_processes > 1
+    if cfg.fsdp and not fsdp:
+        log.warning("fsdp asked for with a single process: nothing to shard over; training unsharded")
+    log.info("%s on %s, %d process(es), %s", cfg.method, acc.device, acc.num_processes, "fsdp" if fsdp else acc.distributed_type.value)
 
     # --- data
     ref_field = cfg.reference_field or cfg.answer_field
     train_set, report = load_qa(cfg.data, answer_field=cfg.answer_field)
     refs = {ex.key: ex.answer for ex in load_qa(cfg.data, answer_field=ref_field)[0]} if ref_field != cfg.answer_field else None
     eval_set = load_qa(cfg.eval_data, limit=cfg.eval_limit)[0] if cfg.eval_data else []
-    execution = ("out_dir", "tensorboard", "name", "device", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps")
+    execution = ("out_dir", "tensorboard", "name", "device", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps", "fsdp")
     ident = stable_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution}, 10)  # what the run computes
     run = Path(cfg.out_dir) / (cfg.name or f"train-{cfg.method}-{ident}")
     run.mkdir(parents=True, exist_ok=True)
@@ -239,7 +278,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                                             "data_report": dataclasses.asdict(report)})
 
     # --- models, optimizer, schedule
-    model, teacher, tok = build_models(cfg, acc.device)
+    # FSDP: load on the CPU, and sharding puts each process's shard on its device
+    model, teacher, tok = build_models(cfg, torch.device("cpu") if fsdp else acc.device)
+    if fsdp:
+        shard(model, acc.device.type, mixed_precision=bf16)
+        if teacher is not None:
+            shard(teacher, acc.device.type, mixed_precision=bf16)
     eot = end_of_turn_id(tok, model.lm.generation_config)
     eos_ids = {eot, tok.eos_token_id}
     micro_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * acc.num_processes))
@@ -252,7 +296,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    if not fsdp:  # DDP wrapping (nothing on one process); a sharded model is already distributed
+        model, optimizer = acc.prepare(model, optimizer)
     balancer = losses.EMABalancer(cfg.ema_decay, cfg.ema_eps)
     state = {"step": 0, "micro": 0, "bad_in_a_row": 0, "truncated_references": 0, "truncated_answers": 0}
 
@@ -264,9 +309,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         log.info("resumed from %s at step %d", run / f"checkpoint-{ckpts[-1]}", state["step"])
 
     def checkpoint():
-        if acc.is_main_process:
+        if fsdp or acc.is_main_process:  # under FSDP the weights are gathered by every process
             save_checkpoint(run, state["step"], acc.unwrap_model(model), optimizer, scheduler,
-                            {**state, "balancer": balancer.state_dict()}, cfg.keep_checkpoints)
+                            {**state, "balancer": balancer.state_dict()}, cfg.keep_checkpoints, write=acc.is_main_process)
 
     stop = {"signal": None}
 
@@ -275,11 +320,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     writer = _tensorboard(run) if cfg.tensorboard and acc.is_main_process else None
-    def held_out_loss() -> float:
-        return domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot, cfg.loss_chunk)
 
-    if state["step"] == 0 and eval_set and acc.is_main_process:
-        _log(run, writer, {"step": 0, "eval_domain_loss": held_out_loss()})
+    def held_out_loss() -> float | None:  # a sharded model's forward needs every process
+        if fsdp or acc.is_main_process:
+            return domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot, cfg.loss_chunk)
+        return None
+
+    if state["step"] == 0 and eval_set and (loss := held_out_loss()) is not None and acc.is_main_process:
+        _log(run, writer, {"step": 0, "eval_domain_loss": loss})
 
     def micro_batches():
         """Every micro-batch of the run in order, from a seeded permutation per epoch; skips what is done."""
@@ -289,7 +337,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             g = torch.Generator().manual_seed(cfg.seed + epoch)
             order = torch.randperm(len(train_set), generator=g).tolist()
             for s in range(0, micro_per_epoch * cfg.batch_size * acc.num_processes, cfg.batch_size * acc.num_processes):
-                chunk = order[s : s + cfg.batch_size * acc.num_processes][acc.process_index :: acc.num_processes]
+                rows = order[s : s + cfg.batch_size * acc.num_processes]
+                if len(rows) < acc.num_processes:  # every process must take part in every step: wrap around
+                    rows += order[: acc.num_processes - len(rows)]
+                chunk = rows[acc.process_index :: acc.num_processes]
                 if i >= state["micro"] and chunk:
                     yield epoch, [train_set[j] for j in chunk]
                 i += 1
@@ -301,15 +352,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not (progress and acc.is_main_process)) as bar:
         task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
-        while state["step"] < total_steps and stop["signal"] is None:
+        while state["step"] < total_steps and not _agreed_stop(acc, stop["signal"]):
             t_step = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             epoch = micro[-1][0]
             # --- rollouts for every micro-batch of the step (the student as it is before the update)
             t0 = time.perf_counter()
             prompts = [[chat_prompt_ids(tok, ex.question, ex.system) for ex in b] for _, b in micro]
-            rollouts = [sample_trajectories(acc.unwrap_model(model).lm, p, rollout_cfg, tok.pad_token_id, eos_ids)
-                        if spec.kl else None for p in prompts]
+            with gathered(model):
+                rollouts = [model("rollout", p, rollout_cfg, tok.pad_token_id, eos_ids) if spec.kl else None for p in prompts]
             t_rollout = time.perf_counter() - t0
             ce_inputs = [answer_batch(tok, p, [ex.answer for ex in b], eot, cfg.max_len, tok.pad_token_id) if spec.ce else None
                          for p, (_, b) in zip(prompts, micro)]
@@ -370,7 +421,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 state["micro"] += cfg.grad_accum
                 continue
             state["bad_in_a_row"] = 0
-            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))  # DTensors under FSDP
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -399,20 +450,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 checkpoint()
 
     signal.signal(signal.SIGTERM, old_handler)
-    if stop["signal"] is not None:
+    if state["step"] < total_steps:  # stopped by SIGTERM (on any process)
         checkpoint()
         log.info("SIGTERM: checkpoint saved at step %d in %s; run the same command to resume", state["step"], run)
         raise SystemExit(143)
 
     # --- evaluate, save the model, plot
-    if eval_set and acc.is_main_process:
-        _log(run, writer, {"step": state["step"], "eval_domain_loss": held_out_loss()})
+    if eval_set and (loss := held_out_loss()) is not None and acc.is_main_process:
+        _log(run, writer, {"step": state["step"], "eval_domain_loss": loss})
     if state["truncated_references"]:
         log.warning("%d teacher references were longer than max_reference_tokens=%d and were cut",
                     state["truncated_references"], cfg.max_reference_tokens)
+    checkpoint()
+    if fsdp:  # gather the trained weights into an unsharded copy of the model on the main process
+        weights = trainable_state(model)
+        final = TokenLosses(_with_lora(cfg, load_model_and_tokenizer(cfg.model, device="cpu", dtype=cfg.dtype or "fp32")[0])) \
+            if acc.is_main_process else None
+        if final is not None:
+            load_trainable_state(final, weights)
+    else:
+        final = acc.unwrap_model(model)
     if acc.is_main_process:
-        checkpoint()
-        _save_final(acc.unwrap_model(model).lm, tok, run / "model", cfg)
+        _save_final(final.lm, tok, run / "model", cfg)
         from raftune.plots import plot_training
 
         plot_training(run / "metrics.jsonl", run)
@@ -456,6 +515,11 @@ def _swap_grads(params, stash):
         out.append(p.grad)
         p.grad = s
     return out
+
+
+def _agreed_stop(acc, signum) -> bool:
+    """Whether any process got SIGTERM: all of them stop after the same step, so their collectives match."""
+    return _global(acc, float(signum is not None)) > 0
 
 
 def _global(acc, value: float, mean: bool = False) -> float:
