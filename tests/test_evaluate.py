@@ -6,14 +6,20 @@ from conftest import SHARED, shared_data
 from typer.testing import CliRunner
 
 from raftune.cli import app
+from raftune import evaluate as evaluate_module
 from raftune.evaluate import (
     EvalConfig,
+    aggregate,
     evaluate,
     majority_vote,
+    pairwise_outcome,
     parse_verdict,
+    parse_winner,
     retention,
     rouge_l,
 )
+from raftune.generation import Completion
+from raftune.templates import TemplateError
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -39,6 +45,47 @@ from raftune.evaluate import (
 ])
 def test_parse_verdict_on_raw_replies(text, expected):
     assert parse_verdict(text) is expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Winner: A", "A"),
+    ("winner: b", "B"),
+    ("Winner: tie", "tie"),
+    ("**Winner:** Answer B", "B"),
+    ("[[A]]", "A"),
+    ("The better answer is B, because it names the dose.", "B"),
+    ("A. It is more precise.", "A"),
+    ("Tie", "tie"),
+    (" B", "B"),  # the reply after the "Winner:" prefix
+    ("Winner: A, or Winner: B", None),  # the instruction parroted back
+    ("Winner: A. Winner: A", "A"),
+    ("A is shorter, but B is more accurate", None),  # running text only
+    ("Answers A and B are both fine", None),
+    ("", None),
+    ("Winner: C", None),
+    ("A/B testing aside, hard to say", None),
+    ("\u0000\ufffd<|im_end|>", None),
+])
+def test_parse_winner_on_raw_replies(text, expected):
+    assert parse_winner(text) == expected
+
+
+def test_pairwise_outcome_needs_both_orders_to_agree():
+    # (value for A with the tuned answer as A, value for A with the tuned answer as B)
+    assert pairwise_outcome(1.0, 0.0) == 1.0  # tuned wins in both orders
+    assert pairwise_outcome(0.0, 1.0) == 0.0  # base wins in both orders
+    assert pairwise_outcome(1.0, 1.0) == 0.5  # always "A": position bias, a tie
+    assert pairwise_outcome(0.5, 0.5) == 0.5
+    assert pairwise_outcome(1.0, 0.5) == 0.5  # win one way, tie the other: not consistent
+    assert pairwise_outcome(None, 0.0) is None and pairwise_outcome(1.0, None) is None
+
+
+def test_aggregate_mean_and_majority():
+    assert aggregate([7.0, 8.0, 3.0], "mean") == pytest.approx(6.0)
+    assert aggregate([7.0, 8.0, 3.0], "majority") == 7.0  # the median: two of three at or above it
+    assert aggregate([1.0, 1.0, 0.0], "majority") == 1.0  # two judges of three say win
+    assert aggregate([1.0, 0.5, 0.0], "majority") == 0.5
+    assert aggregate([None, 4.0], "mean") == 4.0 and aggregate([None, None], "mean") is None
 
 
 def test_rouge_l_hand_computed():
@@ -138,3 +185,139 @@ def test_cli_refuses_bad_input(tmp_path):
     result = runner.invoke(app, ["eval", "--model", "default", "--suite", "domain", "--out-dir", str(tmp_path)])
     assert result.exit_code == 2 and "needs domain_data" in " ".join(result.output.split()), result.output
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+class RuleJudge:
+    """A judge that follows a fixed rule, so that what the aggregation must give is known: it prefers
+    the answer that mentions "aspirin" and calls a domain answer correct when it shares a word with the
+    reference. It records every prompt it is shown."""
+
+    name = "rule-judge"
+
+    def __init__(self):
+        self.seen = []
+
+    def chat(self, conversations, params):
+        out = []
+        for conv in conversations:
+            text = "\n".join(m["content"] for m in conv if m["role"] != "assistant")
+            self.seen.append(text)
+            if "Answer B:" in text:
+                a, b = text.split("Answer A:")[1].split("Answer B:")
+                reply = "A" if "aspirin" in a else "B" if "aspirin" in b else "tie"
+            else:
+                reply = "correct" if "directory" in text.split("Candidate answer:")[-1] else "incorrect"
+            out.append(Completion(reply, 10, 1, "stop"))
+        return out
+
+
+def _general_prompts(tmp_path, n=3):
+    path = tmp_path / "general.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Question {i}: what helps a headache?"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_pairwise_general_against_the_base_model(tiny_model_dir, tmp_path, monkeypatch):
+    """The tuned model is a stand-in that answers "aspirin" to two of three prompts and the base model's
+    answer to the third: two wins by the rule judge in both orders, one tie without asking."""
+    from raftune.generation import open_generator
+
+    judge = RuleJudge()
+    base = open_generator(str(tiny_model_dir), device="cpu")
+
+    class Tuned:
+        name = "tuned"
+
+        def chat(self, conversations, params):
+            base_out = base.chat(conversations, params)
+            return [Completion("Take aspirin.", 5, 3, "stop") if "2:" not in c[-1]["content"] else b
+                    for c, b in zip(conversations, base_out)]
+
+    real_open = evaluate_module.open_generator
+    monkeypatch.setattr(evaluate_module, "open_generator",
+                        lambda spec, **kw: judge if spec == "rule" else Tuned() if spec == "tuned" else real_open(spec, **kw))
+    cfg = EvalConfig(model="tuned", base_model=str(tiny_model_dir), judges=("rule", "rule"), suites=("general",),
+                     general_mode="pairwise", general_data=str(_general_prompts(tmp_path)), max_new_tokens=6,
+                     out_dir=str(tmp_path / "runs"), name="pairwise", device="cpu")
+    run = evaluate(cfg, progress=False)
+    g = json.loads((run / "results.json").read_text())["suites"]["general"]
+    assert (g["wins"], g["ties"], g["losses"], g["identical"]) == (2, 1, 0, 1)
+    assert g["win_rate"] == pytest.approx(2.5 / 3) and g["mode"] == "pairwise"
+    assert len(judge.seen) == 2 * 2  # 2 differing prompts x both orders; the same judge listed twice is asked once
+    rows = [json.loads(l) for l in (run / "general.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in rows] == [1.0, 1.0, 0.5] and rows[2]["identical"]
+
+
+def test_eval_judge_templates_are_editable(tiny_model_dir, tmp_path, monkeypatch):
+    judge = RuleJudge()
+    real_open = evaluate_module.open_generator
+    monkeypatch.setattr(evaluate_module, "open_generator", lambda spec, **kw: judge if spec == "rule" else real_open(spec, **kw))
+    domain = tmp_path / "heldout.jsonl"
+    domain.write_text(json.dumps({"question": "What does os.getcwd return?", "answer": "The working directory."}) + "\n")
+    tpl = tmp_path / "judges.yaml"
+    tpl.write_text("domain_judge:\n  user: \"MY GRADER. Q: {question} Ref: {answer} Candidate answer: {candidate}\"\n")
+    cfg = EvalConfig(model=str(tiny_model_dir), judges=("rule",), suites=("domain",), domain_data=str(domain),
+                     templates=str(tpl), max_new_tokens=4, out_dir=str(tmp_path / "runs"), device="cpu")
+    evaluate(cfg, progress=False)
+    assert judge.seen and all(t.startswith("MY GRADER. Q: What does os.getcwd return?") for t in judge.seen)
+    # a different template is a different evaluation: another run folder
+    assert evaluate_module.run_dir_for(cfg) != evaluate_module.run_dir_for(EvalConfig(**{**cfg.__dict__, "templates": None}))
+    tpl.write_text("pairwise_judge:\n  user: \"{question} {answer_a}\"\n")
+    with pytest.raises(TemplateError, match="lacks placeholder"):
+        EvalConfig(model="default", suites=("general",), general_data="x", templates=str(tpl))
+
+
+def test_a_stopped_evaluation_resumes_without_asking_again(tiny_model_dir, tmp_path, monkeypatch):
+    """Stopped inside the general suite's judging: the domain suite is not run again, and the general
+    answers already generated come from completions.jsonl."""
+    from raftune.generation import open_generator
+
+    model = open_generator(str(tiny_model_dir), device="cpu")
+    calls = []
+
+    class Counting:  # the tiny model, counting the conversations it is asked to complete
+        name = model.name
+        batch_size = 2
+
+        def chat(self, conversations, params):
+            calls.extend(conversations)
+            return model.chat(conversations, params)
+
+    judge = RuleJudge()
+
+    class Failing(RuleJudge):
+        def chat(self, conversations, params):
+            if any("Rate the answer" in m["content"] for c in conversations for m in c):
+                raise KeyboardInterrupt  # stopped while judging the general answers
+            return judge.chat(conversations, params)
+
+    real_open = evaluate_module.open_generator
+    current = {"judge": Failing()}
+    monkeypatch.setattr(evaluate_module, "open_generator",
+                        lambda spec, **kw: current["judge"] if spec == "rule" else Counting() if spec == "tiny" else real_open(spec, **kw))
+    domain = tmp_path / "heldout.jsonl"
+    domain.write_text("".join(json.dumps({"question": f"What does f{i} return?", "answer": "A directory."}) + "\n"
+                              for i in range(3)))
+    cfg = EvalConfig(model="tiny", judges=("rule",), suites=("domain", "general"), domain_data=str(domain),
+                     general_data=str(_general_prompts(tmp_path)), max_new_tokens=5, out_dir=str(tmp_path / "runs"),
+                     name="resume", device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg, progress=False)
+    run = tmp_path / "runs" / "eval-resume"
+    partial = json.loads((run / "results.json").read_text())
+    assert partial["complete"] is False and list(partial["suites"]) == ["domain"]
+    assert len(calls) == 3 + 3  # domain answers, then general answers, logged before the judges ran
+    domain_rows = (run / "domain.jsonl").read_text()
+
+    current["judge"] = judge
+    calls.clear()
+    evaluate(cfg, progress=False)
+    assert calls == []  # nothing asked of the model again
+    done = json.loads((run / "results.json").read_text())
+    assert done["complete"] is True and list(done["suites"]) == ["domain", "general"]
+    assert done["suites"]["domain"] == partial["suites"]["domain"] and (run / "domain.jsonl").read_text() == domain_rows
+    assert done["suites"]["general"]["n_scored"] == 0  # the rule judge gives no 1-10 score: counted, not guessed
+
+    # other settings in the same folder: computed again, not mixed
+    evaluate(EvalConfig(**{**cfg.__dict__, "max_new_tokens": 6}), progress=False)
+    assert len(calls) == 6

@@ -49,3 +49,40 @@ def test_open_generator_shares_one_instance_per_spec(tiny_model_dir):
     assert open_generator(str(tiny_model_dir), device="cpu") is a
     with pytest.raises(ValueError):
         SamplingParams(max_new_tokens=0)
+
+
+def test_completion_log_serves_repeats_and_keeps_no_failures(tiny, tmp_path):
+    """What a stopped run completed is served from the log on the rerun; a failed call is asked again."""
+    from raftune.generation import CachedGenerator, Completion, CompletionLog
+
+    model, tok = tiny
+    local = LocalGenerator(model, tok, "tiny", batch_size=2)
+    asked = []
+
+    class Flaky:  # the tiny model, except that a conversation saying "fail" fails like a dead server
+        name, batch_size = "tiny", 2
+
+        def chat(self, conversations, params):
+            asked.extend(c[-1]["content"] for c in conversations)
+            done = local.chat(conversations, params)
+            return [Completion("", 0, 0, "error", "HTTP 503") if "fail" in c[-1]["content"] else d
+                    for c, d in zip(conversations, done)]
+
+    convs = [*CONVS, [{"role": "user", "content": "fail"}]]
+    params = SamplingParams(max_new_tokens=8)
+    path = tmp_path / "completions.jsonl"
+    first = CachedGenerator(Flaky(), CompletionLog(path)).chat(convs, params)
+    assert len(asked) == 4 and first[3].error == "HTTP 503"
+    assert len(path.read_text().splitlines()) == 3  # the failure is not logged
+    with open(path, "a") as f:
+        f.write('{"key": "cut off by a cra')  # a crash in the middle of a write
+
+    asked.clear()
+    again = CachedGenerator(Flaky(), CompletionLog(path))
+    second = again.chat(convs, params)
+    assert asked == ["fail"] and again.hits == 3
+    assert [c.text for c in second[:3]] == [c.text for c in first[:3]]
+    assert [c.text for c in second[:3]] == [c.text for c in local.chat(CONVS, params)]
+    asked.clear()
+    again.chat(convs[:1], SamplingParams(max_new_tokens=9))  # other settings: another completion
+    assert asked == [CONVS[0][-1]["content"]]

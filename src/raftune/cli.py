@@ -282,6 +282,9 @@ def eval_cmd(
     mmlu_form: Optional[str] = typer.Option(None, help="cloze or letter [cloze]"),
     general_data: Optional[str] = typer.Option(None, help="general prompts: MT-Bench question.jsonl, AlpacaEval, ..."),
     general_limit: Optional[int] = typer.Option(None),
+    general_mode: Optional[str] = typer.Option(None, help="score (1-10 per answer) or pairwise (vs the base model) [score]"),
+    general_aggregate: Optional[str] = typer.Option(None, help="combining the judges: mean or majority [mean]"),
+    templates: Optional[str] = typer.Option(None, help="YAML file overriding judge templates (see `raftune templates`)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="length cap of generated answers [256]"),
     batch_size: Optional[int] = typer.Option(None, help="samples per batch [16]"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps [auto]"),
@@ -303,6 +306,7 @@ def eval_cmd(
             judges=tuple(judge) if judge else None, ifeval_data=ifeval_data, ifeval_limit=ifeval_limit,
             mmlu_folder=mmlu_folder, mmlu_subjects=_csv(mmlu_subjects), mmlu_limit_per_subject=mmlu_limit_per_subject,
             mmlu_shots=mmlu_shots, mmlu_form=mmlu_form, general_data=general_data, general_limit=general_limit,
+            general_mode=general_mode, general_aggregate=general_aggregate, templates=templates,
             max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         )
         run = evaluate(cfg)
@@ -353,7 +357,8 @@ def templates_cmd(
     out: Optional[Path] = typer.Option(None, help="write the templates here as YAML (default: print)"),
     templates: Optional[str] = typer.Option(None, help="show these overrides applied"),
 ):
-    """Show the prompt templates (rewrite, fuse, judge); edit the YAML and pass it with --templates."""
+    """Show the prompt templates (refine: rewrite, fuse, judge; eval: domain_judge, general_judge, pairwise_judge);
+    edit the YAML and pass it with --templates to `refine` or `eval`."""
     from raftune.templates import dump_templates, load_templates
 
     text = dump_templates(load_templates(templates))

@@ -23,6 +23,7 @@ GENERAL = [
     ("IFEval loose", ("ifeval", "prompt_loose"), True),
     ("MMLU", ("mmlu", "accuracy"), True),
     ("General", ("general", "mean_score"), True),
+    ("General win rate", ("general", "win_rate"), True),  # pairwise vs the base model
 ]
 OTHER = [
     ("ROUGE-L", ("domain", "rouge_l"), True),
@@ -70,7 +71,7 @@ def _fmt(v, pct: bool) -> str:
 
 def to_markdown(table: dict) -> str:
     cols = table["columns"]
-    pct = {c: c in ("D-Acc", "IFEval strict", "IFEval loose", "MMLU") for c in cols}
+    pct = {c: c in ("D-Acc", "IFEval strict", "IFEval loose", "MMLU", "General win rate") for c in cols}
     ref = table["rows"].get("sft")
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, row in table["rows"].items():

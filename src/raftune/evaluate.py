@@ -10,17 +10,27 @@ Each suite is a function of the config and the opened models that returns (summa
 ``<suite>.jsonl`` of per-sample rows per suite, all written atomically.
 
 - domain: greedy answers to held-out questions; every judge says correct or incorrect against the
-  reference (template ``DOMAIN_JUDGE``, parsed by ``parse_verdict``, unreadable replies asked again);
+  reference (template ``domain_judge``, parsed by ``parse_verdict``, unreadable replies asked again);
   a sample is correct when a strict majority of the readable verdicts says so (``majority_vote``).
   D-Acc is over the samples with at least one readable verdict; the others are counted. ROUGE-L F1
   and the embedding cosine to the reference are judge-free companions, always reported.
 - ifeval: greedy responses in the chat format, scored strictly and loosely (``raftune.ifeval``).
 - mmlu: log-likelihood scoring (``raftune.mmlu``), cloze form and 0 shots by default.
-- general: greedy answers to general prompts, scored 1-10 by every judge (``GENERAL_JUDGE``),
-  averaged over the judges, then over the prompts with a readable score.
+- general: greedy answers to general prompts. ``general_mode: score``: every judge scores each answer
+  1-10 (``general_judge``); ``pairwise``: every judge compares it with the base model's answer in
+  both orders (``pairwise_judge``, MT-Bench's rule: a win counts only when both orders agree,
+  otherwise a tie; identical answers are a tie without asking). Judges are combined per prompt by
+  ``general_aggregate``: ``mean``, or ``majority`` (the median score; the outcome most judges gave).
 - drift / weights: judge-free forgetting measures against ``base_model`` (``raftune.forgetting``).
 - retention (paper Appendix G): score / base score for ifeval prompt_strict, mmlu accuracy and
-  general mean_score.
+  general mean_score (or win_rate, which is 0.5 for the base model against itself).
+
+Judge templates are data (``raftune.templates``): ``--templates FILE`` overrides any of them.
+
+A stopped evaluation resumes: every completion (the model's answers, the judges' replies) is logged
+to ``completions.jsonl`` as each batch finishes and served from it when the same run asks again, and
+``results.json`` is rewritten after every suite (``"complete": false`` until the last), so a rerun
+skips the suites already done.
 """
 from __future__ import annotations
 
@@ -31,52 +41,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logging
+import statistics
+
 from raftune.files import atomic_write_json, atomic_write_jsonl, stable_hash
 from raftune.generation import (
+    CachedGenerator,
+    CompletionLog,
     Generator,
     Messages,
     SamplingParams,
     is_remote_spec,
     open_generator,
 )
-from raftune.judging import mean_score, score_with_judges
-from raftune.templates import PromptTemplate
+from raftune.judging import score_with_judges
+from raftune.templates import EVAL_TEMPLATES, load_templates
+
+log = logging.getLogger("raftune.evaluate")
 
 SUITES = ("domain", "ifeval", "mmlu", "general", "drift", "weights")
 LOCAL_SUITES = ("mmlu", "drift", "weights")  # they read logits or weights: no chat server can do them
 # (suite, metric) pairs whose ratio to the base model's is the retention of Appendix G
-RETENTION_METRICS = (("ifeval", "prompt_strict"), ("mmlu", "accuracy"), ("general", "mean_score"))
-
-# --- judge templates -----------------------------------------------------------------------------------
-
-# D-Acc judge: a binary verdict against the reference; parse_verdict reads the reply.
-DOMAIN_JUDGE = PromptTemplate(
-    name="domain_judge",
-    system="You are a strict grader. You decide whether a candidate answer is correct, given a reference answer.",
-    user=(
-        "Question: {question}\n\n"
-        "Reference answer:\n{answer}\n\n"
-        "Candidate answer:\n{candidate}\n\n"
-        "Is the candidate answer correct: does it agree with the reference on what the question asks, "
-        "with nothing that contradicts it? Reply with one line: Verdict: correct, or Verdict: incorrect"
-    ),
-    reply_prefix="Verdict:",
-)
-
-# General QA judge (MS-Bench / MT-Bench style), 1-10; judging.parse_score reads the reply.
-GENERAL_JUDGE = PromptTemplate(
-    name="general_judge",
-    system="You are a careful evaluator of the answers of AI assistants.",
-    user=(
-        "Rate the answer below for helpfulness, correctness and clarity, from 1 (useless or wrong) "
-        "to 10 (excellent).\n\n"
-        "Question:\n{question}\n\n"
-        "Answer:\n{answer}\n\n"
-        "Reply with one line: Score: <number from 1 to 10>"
-    ),
-    reply_prefix="Score:",
-)
-
+RETENTION_METRICS = (("ifeval", "prompt_strict"), ("mmlu", "accuracy"), ("general", "mean_score"), ("general", "win_rate"))
 
 # --- pure pieces -----------------------------------------------------------------------------------------
 
@@ -112,6 +98,57 @@ def parse_verdict(text: str) -> bool | None:
         return _label(first.group(1))
     found = {_label(w) for w in _WORDS.findall(t) if w not in _FIRST_WORD_ONLY}
     return found.pop() if len(found) == 1 else None
+
+
+_WINNER = re.compile(r"\b(?:winner|better(?:\s+answer)?|verdict)\b\s*(?:is|:|=|-)?\s*(?:answer\s+)?\(?([ab]|tie)\)?(?![\w])")
+_BRACKETED = re.compile(r"\[\[\s*([ab]|tie)\s*\]\]")
+
+
+def parse_winner(text: str) -> str | None:
+    """"A", "B" or "tie" from a pairwise judge's reply; None when it names no single winner.
+
+    Explicit forms decide ("Winner: A", "[[B]]", "The better answer is B", "Verdict: tie"); else a
+    reply that is A, B or tie, or opens with one and a stop ("B. It is more precise", "Tie"). Two
+    different explicit winners, or running text alone ("A is shorter, but B ..."), give None.
+    """
+    if not text:
+        return None
+    t = re.sub(r"[*_`#\"']", " ", text.lower())
+    found = set(_BRACKETED.findall(t)) | set(_WINNER.findall(t))
+    if not found:
+        m = re.match(r"\s*[:\-.,]*\s*(?:answer\s+)?\(?([ab]|tie)\)?(?=[.,:;!)]|\s*$)", t)  # "B." / "Tie" / " A"
+        found = {m.group(1)} if m else set()
+    if len(found) != 1:
+        return None
+    w = found.pop()
+    return "tie" if w == "tie" else w.upper()
+
+
+# value of a pairwise reply for the answer shown as A: won, tie, lost
+_WINNER_VALUE = {"A": 1.0, "tie": 0.5, "B": 0.0}
+
+
+def _winner_score(text: str) -> float | None:
+    return _WINNER_VALUE.get(parse_winner(text))
+
+
+def pairwise_outcome(as_a: float | None, as_b: float | None) -> float | None:
+    """One judge's outcome for the tuned answer, from the reply with it shown as A (value for A) and the
+    reply with it shown as B (value for A, i.e. the base answer): 1 win, 0.5 tie, 0 loss. MT-Bench's
+    rule: the two orders must agree, otherwise it is a tie. None when either reply was unreadable."""
+    if as_a is None or as_b is None:
+        return None
+    first, second = as_a, 1.0 - as_b
+    return first if first == second else 0.5
+
+
+def aggregate(values: Sequence[float | None], how: str) -> float | None:
+    """Combine the judges' values for one prompt: ``mean``; ``majority``: the median (of scores, or of
+    outcomes 0 / 0.5 / 1, where it is the outcome a majority is at or beyond). None if none is readable."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return sum(vals) / len(vals) if how == "mean" else float(statistics.median(vals))
 
 
 def majority_vote(votes: Sequence[bool | None]) -> bool | None:
@@ -192,6 +229,9 @@ class EvalConfig:
     mmlu_form: str = "cloze"
     general_data: str | None = field(default=None, metadata={"help": "general prompts (MT-Bench question.jsonl, ...)"})
     general_limit: int | None = None
+    general_mode: str = field(default="score", metadata={"help": "score (1-10 per answer) or pairwise (vs base_model's answer)"})
+    general_aggregate: str = field(default="mean", metadata={"help": "combining the judges per prompt: mean or majority"})
+    templates: str | None = field(default=None, metadata={"help": "YAML file overriding the judge templates"})
     max_new_tokens: int = 256
     seed: int = 0
     # Execution settings: they change how fast, not what (left out of the run hash).
@@ -210,6 +250,7 @@ class EvalConfig:
             object.__setattr__(self, "mmlu_subjects", tuple(self.mmlu_subjects))
         needs = {"domain": "domain_data", "ifeval": "ifeval_data", "mmlu": "mmlu_folder", "general": "general_data",
                  "drift": "general_data"}
+        load_templates(self.templates)  # a bad template file fails here, before any generation
         remote = [s for s in LOCAL_SUITES if s in suites and is_remote_spec(self.model)]
         checks = [
             (bool(self.model), "model is required"),
@@ -219,6 +260,9 @@ class EvalConfig:
             (not remote, f"suite(s) {remote} read the model's logits or weights: pass a local model, not a server"),
             (len(self.judges) >= 1, "at least one judge is needed"),
             (self.mmlu_form in ("letter", "cloze"), f"mmlu_form must be letter or cloze, got {self.mmlu_form!r}"),
+            (self.general_mode in ("score", "pairwise"), f"general_mode must be score or pairwise, got {self.general_mode!r}"),
+            (self.general_aggregate in ("mean", "majority"),
+             f"general_aggregate must be mean or majority, got {self.general_aggregate!r}"),
             (self.mmlu_shots >= 0, f"mmlu_shots must be >= 0, got {self.mmlu_shots}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.judge_max_new_tokens >= 1, f"judge_max_new_tokens must be >= 1, got {self.judge_max_new_tokens}"),
@@ -238,7 +282,10 @@ class EvalConfig:
 
     def output_settings(self) -> dict:
         skip = {"out_dir", "name", "batch_size", "device", "dtype"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        d["templates"] = {n: t.as_dict() for n, t in load_templates(self.templates).items()  # content, not path
+                          if n in EVAL_TEMPLATES}
+        return json.loads(json.dumps(d))  # tuples as lists: comparable with a results.json read back
 
 
 def run_dir_for(cfg: EvalConfig) -> Path:
@@ -278,6 +325,7 @@ def _user(text: str, system: str | None = None) -> Messages:
 # --- suites ----------------------------------------------------------------------------------------------
 
 def eval_domain(cfg: EvalConfig, model: Generator, judges: list[Generator], progress: bool) -> tuple[dict, list[dict]]:
+    template = load_templates(cfg.templates)["domain_judge"]
     from raftune.data import load_qa
     from raftune.models import load_encoder
     from raftune.similarity import SemanticFilter
@@ -285,7 +333,7 @@ def eval_domain(cfg: EvalConfig, model: Generator, judges: list[Generator], prog
     examples, _ = load_qa(cfg.domain_data, limit=cfg.domain_limit)
     answers = [c.text for c in _chat(model, [_user(ex.question, ex.system) for ex in examples], _greedy(cfg),
                                      "domain answers", progress)]
-    prompts = [DOMAIN_JUDGE.render(question=ex.question, answer=ex.answer, candidate=a) for ex, a in zip(examples, answers)]
+    prompts = [template.render(question=ex.question, answer=ex.answer, candidate=a) for ex, a in zip(examples, answers)]
     verdicts = score_with_judges(judges, prompts, max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries,
                                  seed=cfg.seed, parse=_verdict_score)
     cosines = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device)).similarities(
@@ -334,19 +382,50 @@ def eval_mmlu(cfg: EvalConfig, model: Generator, progress: bool) -> tuple[dict, 
     return result, rows
 
 
-def eval_general(cfg: EvalConfig, model: Generator, judges: list[Generator], progress: bool) -> tuple[dict, list[dict]]:
+def eval_general(cfg: EvalConfig, model: Generator, judges: list[Generator], base: Generator | None,
+                 progress: bool) -> tuple[dict, list[dict]]:
     from raftune.forgetting import load_general_prompts
 
     prompts = load_general_prompts(cfg.general_data, limit=cfg.general_limit)
     answers = [c.text for c in _chat(model, [_user(p) for p in prompts], _greedy(cfg), "general answers", progress)]
-    verdicts = score_with_judges(judges, [GENERAL_JUDGE.render(question=p, answer=a) for p, a in zip(prompts, answers)],
-                                 max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries, seed=cfg.seed)
-    rows = [{"prompt": p, "answer": a, "score": mean_score(vs),
-             "verdicts": [{"judge": v.judge, "score": v.score, "reply": v.reply, "attempts": v.attempts} for v in vs]}
-            for p, a, vs in zip(prompts, answers, verdicts)]
-    scored = [r["score"] for r in rows if r["score"] is not None]
-    summary = {"mean_score": _mean(scored), "n": len(rows), "n_scored": len(scored),
-               "n_unscored": len(rows) - len(scored), "scale": [1, 10], "judges": [j.name for j in judges]}
+    judging = dict(max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries, seed=cfg.seed)
+    summary = {"mode": cfg.general_mode, "aggregate": cfg.general_aggregate, "judges": [j.name for j in judges]}
+    if cfg.general_mode == "score":
+        template = load_templates(cfg.templates)["general_judge"]
+        verdicts = score_with_judges(judges, [template.render(question=p, answer=a) for p, a in zip(prompts, answers)],
+                                     **judging)
+        rows = [{"prompt": p, "answer": a, "score": aggregate([v.score for v in vs], cfg.general_aggregate),
+                 "verdicts": [{"judge": v.judge, "score": v.score, "reply": v.reply, "attempts": v.attempts} for v in vs]}
+                for p, a, vs in zip(prompts, answers, verdicts)]
+        scored = [r["score"] for r in rows if r["score"] is not None]
+        summary.update(mean_score=_mean(scored), n=len(rows), n_scored=len(scored), n_unscored=len(rows) - len(scored),
+                       scale=[1, 10])
+        return summary, rows
+
+    # pairwise: against the base model's answer, each judge asked with the tuned answer first, then second
+    template = load_templates(cfg.templates)["pairwise_judge"]
+    base_answers = [c.text for c in _chat(base, [_user(p) for p in prompts], _greedy(cfg), "base answers", progress)]
+    asked = [i for i, (a, b) in enumerate(zip(answers, base_answers)) if a != b]  # identical answers tie
+    convs = [template.render(question=prompts[i], answer_a=answers[i], answer_b=base_answers[i]) for i in asked] + \
+            [template.render(question=prompts[i], answer_a=base_answers[i], answer_b=answers[i]) for i in asked]
+    verdicts = score_with_judges(judges, convs, **judging, parse=_winner_score)
+    rows = []
+    for i, (p, a, b) in enumerate(zip(prompts, answers, base_answers)):
+        row = {"prompt": p, "answer": a, "base_answer": b}
+        if i not in asked:
+            rows.append({**row, "outcome": 0.5, "identical": True, "verdicts": []})
+            continue
+        k = asked.index(i)
+        first, second = verdicts[k], verdicts[k + len(asked)]
+        per_judge = [{"judge": v1.judge, "outcome": pairwise_outcome(v1.score, v2.score),
+                      "tuned_first": v1.reply, "tuned_second": v2.reply, "attempts": v1.attempts + v2.attempts}
+                     for v1, v2 in zip(first, second)]
+        rows.append({**row, "outcome": aggregate([j["outcome"] for j in per_judge], cfg.general_aggregate),
+                     "identical": False, "verdicts": per_judge})
+    judged = [r["outcome"] for r in rows if r["outcome"] is not None]
+    summary.update(win_rate=_mean(judged), wins=sum(o > 0.5 for o in judged), ties=sum(o == 0.5 for o in judged),
+                   losses=sum(o < 0.5 for o in judged), identical=sum(r["identical"] for r in rows), n=len(rows),
+                   n_judged=len(judged), n_unjudged=len(rows) - len(judged), against=base.name)
     return summary, rows
 
 
@@ -373,7 +452,8 @@ def eval_weights(model: Generator, base: Generator, run: Path) -> tuple[dict, li
 # --- the run ---------------------------------------------------------------------------------------------
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
-    """Run ``cfg.suites`` and write the run folder; returns its path."""
+    """Run ``cfg.suites`` and write the run folder; returns its path. Resumes a stopped run of the same
+    settings: suites in its results.json are kept, and logged completions are not asked again."""
     base_results = None
     if cfg.base_results is not None:  # read first: a bad path fails before hours of generation
         try:
@@ -382,13 +462,31 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
             raise ValueError(f"{cfg.base_results}: not a readable eval results.json ({type(e).__name__}: {e})") from None
     run = run_dir_for(cfg)
     run.mkdir(parents=True, exist_ok=True)
+    summaries = _finished_suites(run, cfg)
+    todo = [s for s in cfg.suites if s not in summaries]
+    if summaries:
+        log.info("%s: resuming; suites already done: %s", run, ", ".join(summaries))
     opts = dict(batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
-    model = open_generator(cfg.model, **opts)
-    judges = [open_generator(j, **opts) for j in cfg.judges] if {"domain", "general"} & set(cfg.suites) else []
-    base = open_generator(cfg.base_model, **opts) if {"drift", "weights"} & set(cfg.suites) else None
+    completions = CompletionLog(run / "completions.jsonl")  # every completion: a rerun asks nothing twice
+    if completions.entries:
+        log.info("%s: %d logged completions will be reused", run, len(completions.entries))
 
-    summaries: dict[str, dict] = {}
-    for suite in cfg.suites:
+    def opened(spec: str) -> Generator:
+        return CachedGenerator(open_generator(spec, **opts), completions)
+
+    needs_base = {"drift", "weights"} | ({"general"} if cfg.general_mode == "pairwise" else set())
+    model = opened(cfg.model) if todo else None
+    judges = [opened(j) for j in cfg.judges] if {"domain", "general"} & set(todo) else []
+    base = opened(cfg.base_model) if needs_base & set(todo) else None
+
+    def write_results(complete: bool) -> None:
+        results = {"suites": summaries, "config": dataclasses.asdict(cfg), "settings": cfg.output_settings(),
+                   "run_dir": str(run), "complete": complete}
+        if base_results is not None:
+            results["retention"] = retention(summaries, base_results)
+        atomic_write_json(run / "results.json", results)
+
+    for suite in todo:
         if suite == "domain":
             summary, rows = eval_domain(cfg, model, judges, progress)
         elif suite == "ifeval":
@@ -396,15 +494,29 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
         elif suite == "mmlu":
             summary, rows = eval_mmlu(cfg, model, progress)
         elif suite == "general":
-            summary, rows = eval_general(cfg, model, judges, progress)
+            summary, rows = eval_general(cfg, model, judges, base, progress)
         elif suite == "drift":
             summary, rows = eval_drift(cfg, model, base)
         else:
             summary, rows = eval_weights(model, base, run)
         atomic_write_jsonl(run / f"{suite}.jsonl", rows)
         summaries[suite] = summary
-    results = {"suites": summaries, "config": dataclasses.asdict(cfg), "run_dir": str(run)}
-    if base_results is not None:
-        results["retention"] = retention(summaries, base_results)
-    atomic_write_json(run / "results.json", results)
+        write_results(complete=False)
+    summaries = {s: summaries[s] for s in cfg.suites}  # the configured order
+    write_results(complete=True)
     return run
+
+
+def _finished_suites(run: Path, cfg: EvalConfig) -> dict[str, dict]:
+    """The summaries of the suites a previous run with the same settings finished in ``run``."""
+    path = run / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    if old.get("settings") != cfg.output_settings():
+        log.warning("%s holds an evaluation with other settings; its suites are computed again", run)
+        return {}
+    return {s: v for s, v in old.get("suites", {}).items() if s in cfg.suites and (run / f"{s}.jsonl").exists()}

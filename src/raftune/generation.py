@@ -149,3 +149,61 @@ def open_generator(
     _OPEN[key] = gen
     return gen
 
+
+
+class CompletionLog:
+    """Completions logged to a JSONL file as they are made, keyed by backend, conversation and settings;
+    one log may serve several generators (a model and its judges)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        from raftune.files import read_jsonl_log
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.entries = {r["key"]: Completion(**r["completion"]) for r in read_jsonl_log(self.path)}
+
+    def add(self, entries: dict[str, Completion]) -> None:
+        from dataclasses import asdict
+
+        from raftune.files import append_jsonl
+
+        append_jsonl(self.path, [{"key": k, "completion": asdict(c)} for k, c in entries.items()])
+        self.entries.update(entries)
+
+
+class CachedGenerator:
+    """A generator whose completions go to a ``CompletionLog`` and are served from it when asked
+    again: a run that stops resumes where it was, losing at most the batch in flight.
+
+    The misses of a call go to the backend in its own batch size (64 at a time for a server) and are
+    logged after every batch. Failed remote calls are not logged, so a rerun asks again. Sampled
+    requests served from the log keep the values first drawn. Attributes other than ``chat`` (the
+    local model and tokenizer, the batch size, the name) are the backend's.
+    """
+
+    def __init__(self, inner: Generator, log: CompletionLog):
+        self.inner = inner
+        self.log = log
+        self.hits = 0
+
+    def __getattr__(self, name):  # only called for what this class does not define
+        return getattr(self.inner, name)
+
+    def chat(self, conversations: Sequence[Messages], params: SamplingParams) -> list[Completion]:
+        from dataclasses import asdict
+
+        from raftune.files import stable_hash
+
+        keys = [stable_hash([self.inner.name, c, asdict(params)], 24) for c in conversations]
+        out = [self.log.entries.get(k) for k in keys]
+        todo = [i for i, c in enumerate(out) if c is None]
+        self.hits += len(keys) - len(todo)
+        step = getattr(self.inner, "batch_size", None) or 64
+        for s in range(0, len(todo), step):
+            idx = todo[s : s + step]
+            for i, c in zip(idx, self.inner.chat([conversations[i] for i in idx], params)):
+                out[i] = c
+            self.log.add({keys[i]: out[i] for i in idx if out[i].error is None})
+        return out

@@ -41,7 +41,7 @@ from raftune.files import (
 from raftune.generation import Generator, SamplingParams, open_generator
 from raftune.judging import mean_score, score_with_judges
 from raftune.similarity import DEFAULT_TAU, SemanticFilter, passes
-from raftune.templates import load_templates
+from raftune.templates import REFINE_TEMPLATES, load_templates
 
 log = logging.getLogger("raftune.refine")
 
@@ -102,7 +102,8 @@ class RefineConfig:
         skip = {"out_dir", "limit", "batch_size", "shard", "device", "dtype", "concurrency", "timeout_s", "api_key_env"}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         d["fusion_model"] = self.fusion_model or self.model
-        d["templates"] = {n: t.as_dict() for n, t in load_templates(self.templates).items()}  # content, not path
+        d["templates"] = {n: t.as_dict() for n, t in load_templates(self.templates).items()  # content, not path
+                          if n in REFINE_TEMPLATES}
         return d
 
 

@@ -1,6 +1,8 @@
 """Prompt templates as data: named, editable, validated.
 
-The paper's rewrite, fusion and judge prompts are not in its text; the ones below are ours. Print
+Stage 1 uses ``rewrite``, ``fuse`` and ``judge``; evaluation uses ``domain_judge`` (D-Acc),
+``general_judge`` (1-10 scores) and ``pairwise_judge`` (tuned vs base). The paper's prompts are not
+in its text; the ones below are ours. Print
 them with ``raftune templates``, edit the YAML it writes, and pass it back with ``--templates``:
 a file may override any subset of the names. A template has a ``user`` message, an optional ``system`` message and an optional
 ``reply_prefix`` that opens the model's reply. Placeholders use ``str.format`` syntax; literal braces
@@ -47,7 +49,12 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "rewrite": {"question", "answer"},
     "fuse": {"question", "answer", "rewrite"},
     "judge": {"question", "answer", "candidate"},
+    "domain_judge": {"question", "answer", "candidate"},
+    "general_judge": {"question", "answer"},
+    "pairwise_judge": {"question", "answer_a", "answer_b"},
 }
+REFINE_TEMPLATES = ("rewrite", "fuse", "judge")
+EVAL_TEMPLATES = ("domain_judge", "general_judge", "pairwise_judge")
 
 DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
     # Self-conditioned rewriting (paper Eq. 1): the model answers in its own words with the
@@ -85,6 +92,47 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
             "Reply with one line: Score: <number from 1 to 10>"
         ),
         reply_prefix="Score:",
+    ),
+    # D-Acc judge: a binary verdict against the reference; evaluate.parse_verdict reads the reply.
+    "domain_judge": PromptTemplate(
+        name="domain_judge",
+        system="You are a strict grader. You decide whether a candidate answer is correct, given a reference answer.",
+        user=(
+            "Question: {question}\n\n"
+            "Reference answer:\n{answer}\n\n"
+            "Candidate answer:\n{candidate}\n\n"
+            "Is the candidate answer correct: does it agree with the reference on what the question asks, "
+            "with nothing that contradicts it? Reply with one line: Verdict: correct, or Verdict: incorrect"
+        ),
+        reply_prefix="Verdict:",
+    ),
+    # General QA judge (MS-Bench / MT-Bench single-answer style), 1-10; judging.parse_score reads it.
+    "general_judge": PromptTemplate(
+        name="general_judge",
+        system="You are a careful evaluator of the answers of AI assistants.",
+        user=(
+            "Rate the answer below for helpfulness, correctness and clarity, from 1 (useless or wrong) "
+            "to 10 (excellent).\n\n"
+            "Question:\n{question}\n\n"
+            "Answer:\n{answer}\n\n"
+            "Reply with one line: Score: <number from 1 to 10>"
+        ),
+        reply_prefix="Score:",
+    ),
+    # Pairwise judge (MT-Bench pairwise style): which of two answers is better; asked in both orders,
+    # evaluate.parse_winner reads the reply.
+    "pairwise_judge": PromptTemplate(
+        name="pairwise_judge",
+        system="You are an impartial evaluator of the answers of AI assistants. The order of the answers "
+               "must not influence you, nor their length.",
+        user=(
+            "Question:\n{question}\n\n"
+            "Answer A:\n{answer_a}\n\n"
+            "Answer B:\n{answer_b}\n\n"
+            "Which answer is more helpful, correct and clear? "
+            "Reply with one line: Winner: A, Winner: B, or Winner: tie"
+        ),
+        reply_prefix="Winner:",
     ),
 }
 
