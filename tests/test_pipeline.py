@@ -16,7 +16,7 @@ def test_run_refines_then_trains_each_method(tmp_path, tiny_model_dir):
                    "judges": [str(tiny_model_dir)], "max_new_tokens": 6, "judge_max_new_tokens": 4, "rounds": 1,
                    "tau": -1.0, "test_fraction": 0.25, "device": "cpu"},
         "train": {"batch_size": 3, "max_steps": 2, "rollout_max_new_tokens": 4, "top_k": 8, "device": "cpu"},
-        "methods": ["raft", "sft"],
+        "methods": ["raft", "sft", {"name": "raft-chat", "method": "raft", "teacher_context": "chat"}],
         "eval": {"suites": ["domain", "weights"], "max_new_tokens": 4, "judge_max_new_tokens": 4, "judge_retries": 0,
                  "device": "cpu"},
     }
@@ -26,17 +26,18 @@ def test_run_refines_then_trains_each_method(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     refine_dir = next((tmp_path / "runs").glob("refine-*"))
     summary = json.loads((refine_dir / "pipeline.json").read_text())
-    assert set(summary["methods"]) == {"raft", "sft"}
+    assert set(summary["methods"]) == {"raft", "sft", "raft-chat"}
     for m, r in summary["methods"].items():
         assert r["base_domain_loss"] > 0 and r["domain_loss"] > 0
         run_cfg = json.loads((tmp_path / "runs" / r["run_dir"].split("/")[-1] / "config.json").read_text())
         assert run_cfg["eval_data"].endswith("heldout.jsonl") and run_cfg["learning_rate"] == 0.001
         assert run_cfg["answer_field"] == ("original_answer" if m == "sft" else "answer")
+        assert run_cfg["teacher_context"] == ("chat" if m == "raft-chat" else None)
     assert "held-out domain loss" in result.output
     # the base model and each method evaluated on the same held-out split, then compared
     comparison = tmp_path / "runs" / summary["comparison"]["dir"].split("/")[-1]
     table = json.loads((comparison / "comparison.json").read_text())
-    assert list(table["rows"]) == ["base", "raft", "sft"]
+    assert list(table["rows"]) == ["base", "raft", "sft", "raft-chat"]
     assert table["rows"]["base"]["weight dist."] == 0.0 and table["rows"]["sft"]["weight dist."] > 0
     assert all(table["rows"][m]["ROUGE-L"] is not None for m in table["rows"])
     assert "Results (Table 1 shape)" in result.output
@@ -48,6 +49,12 @@ def test_run_rejects_unknown_sections_and_methods(tmp_path):
     path.write_text("refine: {data: demo}\nmethods: [magic]\n")
     result = CliRunner().invoke(app, ["run", "--config", str(path)])
     assert result.exit_code == 2 and "unknown method" in result.output
+    for methods, text in [("[{name: x, method: raft, tau: 3}]", "unknown setting(s) ['tau']"),
+                          ("[{method: raft}]", "neither a method name"),
+                          ("[raft, {name: raft, method: raft, lr: 0.1}]", "names must be unique")]:
+        path.write_text(f"refine: {{data: demo}}\nmethods: {methods}\n")
+        result = CliRunner().invoke(app, ["run", "--config", str(path)])
+        assert result.exit_code == 2 and text in " ".join(result.output.split()), result.output
     path.write_text("refin: {data: demo}\n")
     result = CliRunner().invoke(app, ["run", "--config", str(path)])
     assert result.exit_code == 2 and "unknown section" in result.output

@@ -8,8 +8,12 @@ shared by all methods), ``methods`` (default ``[raft]``) and an optional ``eval`
 reports its held-out domain loss on the same ``heldout.jsonl``; ``sft`` trains on the original
 answers, the others on the fused ones. With ``eval``, the base model and every trained one are
 evaluated on the same suites (the domain suite on ``heldout.jsonl``), and ``raftune compare`` puts
-them side by side. Refine and train resume from their files, so running the same command again
-after an interruption continues where it stopped.
+them side by side. Refine, train and eval resume from their files, so running the same command
+again after an interruption continues where it stopped.
+
+A method entry is a method name, or a variant for ablations: a mapping with ``name``, ``method`` and
+any TrainConfig fields for that run alone, e.g.
+``{name: raft-chat, method: raft, teacher_context: chat}``.
 """
 from __future__ import annotations
 
@@ -33,15 +37,26 @@ ANSWER_FIELD = {"sft": "original_answer"}  # SFT learns the original answers; RA
 class RunConfig:
     refine: RefineConfig
     train: dict  # TrainConfig fields shared by every method (data and method are filled in per method)
-    methods: tuple[str, ...] = ("raft",)
+    methods: tuple = ("raft",)  # method names, or {name, method, **TrainConfig overrides} variants
     eval: dict | None = None  # EvalConfig fields shared by every evaluation (model and domain data are filled in)
 
     def __post_init__(self):
-        if unknown := [m for m in self.methods if m not in METHODS]:
-            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown := set(self.train) - fields:
             raise ValueError(f"train: unknown setting(s) {sorted(unknown)}")
+        labels = []
+        for m in self.methods:
+            if isinstance(m, str):
+                m = {"name": m, "method": m}
+            if not isinstance(m, dict) or not isinstance(m.get("name"), str) or "method" not in m:
+                raise ValueError(f"methods: {m!r} is neither a method name nor a mapping with name and method")
+            if m["method"] not in METHODS:
+                raise ValueError(f"methods: unknown method {m['method']!r}; known: {sorted(METHODS)}")
+            if unknown := set(m) - {"name"} - fields:
+                raise ValueError(f"methods: {m['name']}: unknown setting(s) {sorted(unknown)}")
+            labels.append(m["name"])
+        if len(set(labels)) != len(labels) or "base" in labels:
+            raise ValueError(f"methods: names must be unique and not 'base', got {labels}")
         if self.eval is not None:
             eval_fields = {f.name for f in dataclasses.fields(EvalConfig)} - {"model", "base_results", "name"}
             if unknown := set(self.eval) - eval_fields:
@@ -59,15 +74,17 @@ class RunConfig:
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     refine_dir = refine(cfg.refine, progress=progress)
     results = {"refine_dir": str(refine_dir), "methods": {}}
-    for method in cfg.methods:
+    for entry in cfg.methods:
+        variant = {"name": entry, "method": entry} if isinstance(entry, str) else dict(entry)
+        label, method = variant.pop("name"), variant["method"]
         tcfg = TrainConfig(**{"out_dir": str(refine_dir.parent), "model": cfg.refine.model, **cfg.train,
-                              "data": str(refine_dir / "fused.jsonl"), "method": method,
+                              "data": str(refine_dir / "fused.jsonl"),
                               "answer_field": ANSWER_FIELD.get(method, "answer"),
                               "reference_field": "answer",
-                              "eval_data": str(refine_dir / "heldout.jsonl")})
+                              "eval_data": str(refine_dir / "heldout.jsonl"), **variant})
         run = train(tcfg, progress=progress)
         evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_domain_loss" in r]
-        results["methods"][method] = {"run_dir": str(run), "model": str(run / "model"),
+        results["methods"][label] = {"run_dir": str(run), "model": str(run / "model"),
                                       "base_domain_loss": evals[0]["eval_domain_loss"] if evals else None,
                                       "domain_loss": evals[-1]["eval_domain_loss"] if evals else None}
     if cfg.eval is not None:
