@@ -28,7 +28,14 @@ import time
 
 import torch
 
-from raftune.losses import chunked_teacher_topk, chunked_topk_kl, full_kl, reduce_step, teacher_topk, topk_kl
+from raftune.losses import (
+    chunked_teacher_topk,
+    chunked_topk_kl,
+    full_kl,
+    reduce_step,
+    teacher_topk,
+    topk_kl,
+)
 
 VARIANTS = ("chunked", "naive", "naive-topk")
 

@@ -5,8 +5,8 @@ import pytest
 from conftest import SHARED, shared_data
 from typer.testing import CliRunner
 
-from raftune.cli import app
 from raftune import evaluate as evaluate_module
+from raftune.cli import app
 from raftune.evaluate import (
     EvalConfig,
     aggregate,

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_data
+
 from raftune.data import DataError
 from raftune.ifeval import (
     INSTRUCTIONS,

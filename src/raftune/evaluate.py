@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import logging
-import statistics
 
 from raftune.files import atomic_write_json, atomic_write_jsonl, stable_hash
 from raftune.generation import (

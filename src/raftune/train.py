@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     )
     from transformers import get_scheduler
 
-    from raftune.models import load_model_and_tokenizer, pick_device
+    from raftune.models import pick_device
 
     bf16 = torch.cuda.is_available() and cfg.device != "cpu"
     acc = Accelerator(cpu=pick_device(cfg.device).type == "cpu", mixed_precision="bf16" if bf16 else "no")
@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             # --- rollouts for every micro-batch of the step (the student as it is before the update)
             t0 = time.perf_counter()
             prompts = [[chat_prompt_ids(tok, ex.question, ex.system) for ex in b] for _, b in micro]
-            with gathered(model):
+            with gathered(model), torch.no_grad():  # no_grad outside too: DDP then prepares no reduction
                 rollouts = [model("rollout", p, rollout_cfg, tok.pad_token_id, eos_ids) if spec.kl else None for p in prompts]
             t_rollout = time.perf_counter() - t0
             ce_inputs = [answer_batch(tok, p, [ex.answer for ex in b], eot, cfg.max_len, tok.pad_token_id) if spec.ce else None
@@ -462,14 +462,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         log.warning("%d teacher references were longer than max_reference_tokens=%d and were cut",
                     state["truncated_references"], cfg.max_reference_tokens)
     checkpoint()
-    if fsdp:  # gather the trained weights into an unsharded copy of the model on the main process
-        weights = trainable_state(model)
-        final = TokenLosses(_with_lora(cfg, load_model_and_tokenizer(cfg.model, device="cpu", dtype=cfg.dtype or "fp32")[0])) \
-            if acc.is_main_process else None
-        if final is not None:
-            load_trainable_state(final, weights)
-    else:
-        final = acc.unwrap_model(model)
+    final = _unsharded(cfg, model, acc) if fsdp else acc.unwrap_model(model)
     if acc.is_main_process:
         _save_final(final.lm, tok, run / "model", cfg)
         from raftune.plots import plot_training
@@ -515,6 +508,19 @@ def _swap_grads(params, stash):
         out.append(p.grad)
         p.grad = s
     return out
+
+
+def _unsharded(cfg, model, acc):
+    """The trained model gathered from its shards into a plain copy on the main process's CPU (None on
+    the others): the weights the run started from, with the trained ones (all, or the adapters) loaded."""
+    from raftune.models import load_model_and_tokenizer
+
+    weights = trainable_state(model)  # collective
+    if not acc.is_main_process:
+        return None
+    final = TokenLosses(_with_lora(cfg, load_model_and_tokenizer(cfg.model, device="cpu", dtype=cfg.dtype or "fp32")[0]))
+    load_trainable_state(final, weights)
+    return final
 
 
 def _agreed_stop(acc, signum) -> bool:
