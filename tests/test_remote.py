@@ -66,8 +66,21 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(llama):
     convs = [_user(q) for q in QUESTIONS[:3]]
     greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
     assert llama.chat(convs, greedy) == llama.chat(convs, greedy)
+    # The server reuses the KV cache of the previous request's common prefix, and a prompt evaluated in
+    # other chunks gives logits that differ in the last bits, which temperature-1 sampling can amplify.
+    # So the seeded requests go one at a time, each sequence after the same request: the server is in the
+    # same state before each of its requests in both runs, and only the seed decides the sample.
     seeded = SamplingParams(max_new_tokens=16, temperature=1.0, seed=11)
-    assert [c.text for c in llama.chat(convs, seeded)] == [c.text for c in llama.chat(convs, seeded)]
+    with OpenAIChatGenerator(llama.url, model=llama.model, api_key_env=KEY_ENV, concurrency=1, timeout_s=60) as one:
+        runs = []
+        for _ in range(2):
+            one.chat([_user("Hello.")], greedy)
+            runs.append([c.text for c in one.chat(convs, seeded)])
+    assert runs[0] == runs[1]
+    other = SamplingParams(max_new_tokens=16, temperature=1.0, seed=12)
+    with OpenAIChatGenerator(llama.url, model=llama.model, api_key_env=KEY_ENV, concurrency=1, timeout_s=60) as one:
+        one.chat([_user("Hello.")], greedy)
+        assert [c.text for c in one.chat(convs, other)] != runs[0]  # the seed is what decides
 
 
 @pytest.mark.slow
