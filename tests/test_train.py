@@ -89,6 +89,25 @@ def test_lora_teacher_is_the_base_with_adapters_off(tmp_path, tiny_model_dir):
     assert torch.allclose(off, ref, atol=1e-5) and not torch.allclose(on, ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("extra", [{"lora": True}, {}])
+def test_student_trains_in_training_mode_and_the_teacher_in_eval_mode(tmp_path, tiny_model_dir, monkeypatch, extra):
+    """Dropout acts in the student's loss forwards and never in the teacher's (with LoRA the teacher is the
+    student's own modules with the adapters off, so the mode is switched around its forward)."""
+    from raftune import losses
+
+    seen = {"topk": set(), "ce": set(), "kl": set()}
+    for what, name in (("topk", "chunked_teacher_topk"), ("ce", "chunked_token_ce"), ("kl", "chunked_topk_kl")):
+        real = getattr(losses, name)
+
+        def spy(h, head, *a, real=real, what=what, **k):
+            seen[what].add(head.training)
+            return real(h, head, *a, **k)
+
+        monkeypatch.setattr(losses, name, spy)
+    train(cfg(tmp_path, tiny_model_dir, method="raft", max_steps=1, **extra), progress=False)
+    assert seen == {"topk": {False}, "ce": {True}, "kl": {True}}
+
+
 def test_8x1_equals_2x4(tmp_path, tiny_model_dir):
     """Same data, one optimizer step: batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same weights.
     Greedy rollouts make the trajectories independent of how the batch is split."""
@@ -106,6 +125,40 @@ def test_8x1_equals_2x4(tmp_path, tiny_model_dir):
         assert moved > 1e-4  # the step did something
         for k in wa:
             assert torch.allclose(wa[k], wb[k], atol=2e-6), k
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora": True}])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_weights(tmp_path, tiny_model_dir, monkeypatch, extra):
+    """With gradient_checkpointing the decoder layers run again in the backward, and the run ends with the
+    weights of the same run without it."""
+    from raftune import train as train_module
+
+    real, calls = train_module.build_models, {"n": 0}
+
+    def counting(*a, **k):
+        student, teacher, tok = real(*a, **k)
+        for layer in student.lm.get_decoder().layers:  # counted in forward itself: hooks do not fire in the recompute
+            layer.mlp.forward = counted(layer.mlp.forward)
+        return student, teacher, tok
+
+    def counted(forward):
+        def wrapper(*a, **k):
+            calls["n"] += 1
+            return forward(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(train_module, "build_models", counting)
+    common = dict(method="raft", max_steps=2, rollout_temperature=0.0, **extra)
+    counts, runs = {}, {}
+    for gc in (False, True):
+        calls["n"] = 0
+        runs[gc] = train(cfg(tmp_path, tiny_model_dir, gradient_checkpointing=gc, name=f"gc-{gc}", **common), progress=False)
+        counts[gc] = calls["n"]
+    assert counts[True] > counts[False], counts  # the recomputation happened
+    a, b = weights(runs[False]), weights(runs[True])
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert metrics(runs[False])[-1]["kl"] == pytest.approx(metrics(runs[True])[-1]["kl"], rel=1e-5)
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_dir, monkeypatch, caplog):
@@ -175,7 +228,8 @@ FSDP = ["--set", "fsdp=true"]
 
 
 @pytest.mark.parametrize("method, extra", [("raft", []), ("raft", ["--lora"]), ("sft", []),
-                                           ("raft", FSDP), ("raft", ["--lora", *FSDP]), ("sft", FSDP)])
+                                           ("raft", FSDP), ("raft", ["--lora", *FSDP]), ("sft", FSDP),
+                                           ("raft", [*FSDP, "--set", "gradient_checkpointing=true"])])
 def test_two_data_parallel_processes_equal_one(tmp_path, tiny_model_dir, method, extra):
     """torchrun with 2 CPU processes (DDP, or FSDP2 with student and teacher sharded, over gloo) x batch 2
     gives the weights of one process x batch 4."""
