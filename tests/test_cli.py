@@ -1,5 +1,6 @@
 """The command line: flags and YAML map onto configs; bad input ends with a clear message, exit code 2."""
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -31,7 +32,15 @@ def test_yaml_config_with_unknown_setting(tmp_path):
     cfg = tmp_path / "refine.yaml"
     cfg.write_text("data: demo\ntua: 0.5\n")
     result = runner.invoke(app, ["refine", "--config", str(cfg)])
-    assert result.exit_code == 2 and "tua" in result.output
+    assert result.exit_code == 2 and unboxed(f"{cfg}:2: setting tua: unknown setting(s)") in unboxed(result.output)
+    cfg.write_text("data: demo\ntau: 3\n")  # a bad value is located too
+    result = runner.invoke(app, ["refine", "--config", str(cfg)])
+    assert result.exit_code == 2 and unboxed(f"{cfg}:2: setting tau: tau must be in") in unboxed(result.output)
+
+
+def unboxed(text: str) -> str:
+    """``text`` without the frame and line breaks of typer's error box, and without spaces."""
+    return re.sub(r"[│╭╮╰╯─\s]+", "", text)
 
 
 def test_invalid_values_are_refused(tmp_path):

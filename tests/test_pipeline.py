@@ -58,3 +58,23 @@ def test_run_rejects_unknown_sections_and_methods(tmp_path):
     path.write_text("refin: {data: demo}\n")
     result = CliRunner().invoke(app, ["run", "--config", str(path)])
     assert result.exit_code == 2 and "unknown section" in result.output
+
+
+def test_run_refuses_bad_settings_of_every_stage_before_refine_starts(tmp_path):
+    """A bad train or eval value is found when the config is read, not after refine has run; the error names
+    the file, the line and the setting."""
+    path = tmp_path / "run.yaml"
+    runs = tmp_path / "runs"
+    for body, line, key, text in [
+        ("train:\n  max_steps: 2\n  batch_size: 0\n", 6, "train.batch_size", "batch_size and grad_accum must be >= 1"),
+        ("methods:\n  - sft\n  - {name: x, method: raft, kl_direction: sideways}\n", 6, "methods.1.kl_direction",
+         "kl_direction must be forward or reverse"),
+        ("eval:\n  suites: [domain, nonsense]\n", 5, "eval.suites", "nonsense"),
+        ("train:\n  gradient_checkpointin: true\n", 5, "train.gradient_checkpointin", "unknown setting(s)"),
+    ]:
+        path.write_text(f"refine:\n  data: demo\n  out_dir: {runs}\n{body}")
+        result = CliRunner().invoke(app, ["run", "--config", str(path)])
+        out = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"{path}:{line}: setting {key}:" in "".join(result.output.split("\n")), out
+        assert text in out, out
+        assert not runs.exists()  # nothing was started

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,17 +61,49 @@ def _load_yaml(path: Optional[Path]) -> dict:
     return raw
 
 
+def _key_lines(path: Path) -> dict[str, int]:
+    """The line (1-based) of every key of a YAML file, by dotted path: 'train.max_steps', 'methods.2.name'."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                lines[f"{prefix}{k.value}"] = k.start_mark.line + 1
+                walk(v, f"{prefix}{k.value}.")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[f"{prefix}{i}"] = v.start_mark.line + 1
+                walk(v, f"{prefix}{i}.")
+
+    walk(yaml.compose(path.read_text(encoding="utf-8")), "")
+    return lines
+
+
+def config_error(path: Optional[Path], error: Exception) -> str:
+    """A settings error located in its YAML file: 'FILE:LINE: setting KEY: message', where KEY is the
+    most nested key of the file that the message names (a value given by a flag has no line)."""
+    message = str(error)
+    if path is None:
+        return message
+    words = set(re.findall(r"[A-Za-z_][\w-]*", message.split("; known:")[0]))  # not the list of valid names
+    named = [k for k in _key_lines(path) if k.rsplit(".", 1)[-1] in words]
+    if not named:
+        return f"{path}: {message}"
+    key = max(named, key=lambda k: k.count("."))
+    return f"{path}:{_key_lines(path)[key]}: setting {key}: {message}"
+
+
 def build_config(cls, yaml_path: Optional[Path], **flags):
     """``cls`` from the YAML file's values, overridden by the flags that were given (not None)."""
     values = _load_yaml(yaml_path)
     known = {f.name for f in dataclasses.fields(cls)}
     if unknown := set(values) - known:
-        raise typer.BadParameter(f"{yaml_path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise typer.BadParameter(config_error(yaml_path, ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")))
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
+        raise typer.BadParameter(config_error(yaml_path, e)) from None
 
 
 @app.command()
@@ -243,7 +276,10 @@ def run(
             raw["refine"] = {**(raw.get("refine") or {}), **({"data": data} if data else {}), **({"limit": limit} if limit else {})}
         if method:
             raw["methods"] = list(method)
-        cfg = RunConfig.from_dict(raw)
+        try:
+            cfg = RunConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(config_error(config, e)) from None
         result = run_pipeline(cfg)
     except (*_stage_errors(), TypeError) as e:
         fail(e)

@@ -255,7 +255,7 @@ class EvalConfig:
             (bool(self.model), "model is required"),
             (bool(suites), f"at least one suite is needed; known: {', '.join(SUITES)}"),
             (not (unknown := [s for s in suites if s not in SUITES]),
-             f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}"),
+             f"suites: unknown suite(s) {unknown}; known: {', '.join(SUITES)}"),
             (not remote, f"suite(s) {remote} read the model's logits or weights: pass a local model, not a server"),
             (len(self.judges) >= 1, "at least one judge is needed"),
             (self.mmlu_form in ("letter", "cloze"), f"mmlu_form must be letter or cloze, got {self.mmlu_form!r}"),

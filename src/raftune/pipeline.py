@@ -61,6 +61,31 @@ class RunConfig:
             eval_fields = {f.name for f in dataclasses.fields(EvalConfig)} - {"model", "base_results", "name"}
             if unknown := set(self.eval) - eval_fields:
                 raise ValueError(f"eval: unknown setting(s) {sorted(unknown)}")
+        # every stage's values are checked now, not after refine has run for an hour
+        placeholder = Path(self.refine.out_dir) / "refine-(to be made)"
+        for label, tcfg in self.train_configs(placeholder):
+            self.eval_config(placeholder, label, tcfg.model)
+
+    def train_configs(self, refine_dir: Path) -> list[tuple[str, TrainConfig]]:
+        """(label, TrainConfig) of every method, training on ``refine_dir``'s output."""
+        out = []
+        for entry in self.methods:
+            variant = {"name": entry, "method": entry} if isinstance(entry, str) else dict(entry)
+            label, method = variant.pop("name"), variant["method"]
+            out.append((label, TrainConfig(**{"out_dir": str(refine_dir.parent), "model": self.refine.model, **self.train,
+                                               "data": str(refine_dir / "fused.jsonl"),
+                                               "answer_field": ANSWER_FIELD.get(method, "answer"),
+                                               "reference_field": "answer",
+                                               "eval_data": str(refine_dir / "heldout.jsonl"), **variant})))
+        return out
+
+    def eval_config(self, refine_dir: Path, label: str, model: str, base_results: str | None = None) -> EvalConfig | None:
+        """The evaluation of ``model`` (labelled ``label``) on the suites of the eval section; None without one."""
+        if self.eval is None:
+            return None
+        return EvalConfig(model=model, name=f"{refine_dir.name.removeprefix('refine-')}-{label}", base_results=base_results,
+                          out_dir=str(refine_dir.parent), base_model=self.refine.model,
+                          domain_data=str(refine_dir / "heldout.jsonl"), **self.eval)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -74,14 +99,7 @@ class RunConfig:
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     refine_dir = refine(cfg.refine, progress=progress)
     results = {"refine_dir": str(refine_dir), "methods": {}}
-    for entry in cfg.methods:
-        variant = {"name": entry, "method": entry} if isinstance(entry, str) else dict(entry)
-        label, method = variant.pop("name"), variant["method"]
-        tcfg = TrainConfig(**{"out_dir": str(refine_dir.parent), "model": cfg.refine.model, **cfg.train,
-                              "data": str(refine_dir / "fused.jsonl"),
-                              "answer_field": ANSWER_FIELD.get(method, "answer"),
-                              "reference_field": "answer",
-                              "eval_data": str(refine_dir / "heldout.jsonl"), **variant})
+    for label, tcfg in cfg.train_configs(refine_dir):
         run = train(tcfg, progress=progress)
         evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_domain_loss" in r]
         results["methods"][label] = {"run_dir": str(run), "model": str(run / "model"),
@@ -95,14 +113,11 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
 
 def _evaluate_all(cfg: RunConfig, refine_dir: Path, results: dict, progress: bool) -> dict:
     """The base model, then every trained one, on the same suites; then the side-by-side table."""
-    common = {"out_dir": str(refine_dir.parent), "base_model": cfg.refine.model,
-              "domain_data": str(refine_dir / "heldout.jsonl"), **cfg.eval}
     tag = refine_dir.name.removeprefix("refine-")
-    base_run = evaluate(EvalConfig(model=cfg.refine.model, name=f"{tag}-base", **common), progress=progress)
+    base_run = evaluate(cfg.eval_config(refine_dir, "base", cfg.refine.model), progress=progress)
     runs, labels = [base_run], ["base"]
     for method, r in results["methods"].items():
-        run = evaluate(EvalConfig(model=r["model"], name=f"{tag}-{method}", base_results=str(base_run / "results.json"),
-                                  **common), progress=progress)
+        run = evaluate(cfg.eval_config(refine_dir, method, r["model"], str(base_run / "results.json")), progress=progress)
         r["eval_dir"] = str(run)
         runs.append(run)
         labels.append(method)
