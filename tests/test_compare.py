@@ -64,3 +64,48 @@ def test_without_general_metrics_there_is_no_retention(tmp_path):
     folders = [write(tmp_path, n, only_domain) for n in ("base", "raft")]
     out = compare(folders, None, tmp_path / "cmp")
     assert "Retention" not in out["markdown"] and out["plots"] == []
+
+
+def test_each_run_has_one_colour_in_every_plot(tmp_path, monkeypatch):
+    """A run is drawn in the same colour in the retention bars, the trade-off and each training-curve panel,
+    even where a panel lacks some runs (SFT has no KL or lambda curve)."""
+    from raftune import compare as compare_module
+
+    def write_trained(name, r, rows):
+        model = tmp_path / f"train-{name}" / "model"
+        model.mkdir(parents=True)
+        (model.parent / "metrics.jsonl").write_text("".join(json.dumps({"lr": 1e-4, "step": i + 1, **row}) + "\n"
+                                                            for i, row in enumerate(rows)))
+        folder = write(tmp_path, name, r)
+        (folder / "results.json").write_text(json.dumps({"suites": r, "config": {"model": str(model)}}))
+        return folder
+
+    folders = [write(tmp_path, "base", results(0.1, 0.4, 0.25, 6)),
+               write_trained("sft", results(0.12, 0.3, 0.25, 5), [{"ce": 2.0}, {"ce": 1.9}]),
+               write_trained("raft", results(0.15, 0.39, 0.26, 5.8), [{"ce": 2.1, "kl": 0.5, "lambda": 4.0}] * 2)]
+    drawn = {}
+    real_save = compare_module._save
+
+    def spy(fig, path):
+        from matplotlib.colors import to_hex
+
+        for ax in fig.axes:
+            title = ax.get_title() or path.name
+            legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+            if ax.containers:  # bars: one container per run (and a grey line at 100%)
+                drawn[title] = {c.get_label(): to_hex(c.patches[0].get_facecolor()) for c in ax.containers}
+            elif ax.collections:  # the scatter: one collection per run, in table order
+                drawn[title] = {lbl: to_hex(c.get_facecolor()[0]) for lbl, c in zip(["base", "sft", "raft"], ax.collections)}
+            else:  # curves: one line per run
+                drawn[title] = {lbl: to_hex(line.get_color()) for lbl, line in zip(legend, ax.lines)}
+        return real_save(fig, path)
+
+    monkeypatch.setattr(compare_module, "_save", spy)
+    compare(folders, None, tmp_path / "cmp")
+    assert set(drawn) == {"retention.png", "Domain gain vs general ability", "ce", "kl", "lambda"}, drawn
+    assert set(drawn["ce"]) == {"sft", "raft"} and set(drawn["kl"]) == {"raft"}
+    colours = {}
+    for panel in drawn.values():
+        for label, c in panel.items():
+            assert colours.setdefault(label, c) == c, (label, drawn)
+    assert len(set(colours.values())) == 3

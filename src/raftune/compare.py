@@ -102,12 +102,15 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
 
     written = []
     ret = table["retention"]
+    labels = dict.fromkeys([*table["rows"], *(runs_by_label or {})])
+    color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per run in every plot
     gcols = [c for c, _, _ in GENERAL if any(r.get(c) is not None for r in ret.values())]
     if gcols:  # retention bars and the trade-off need general metrics
         fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(gcols) * max(1, len(ret)) / 2, 3.6))
         width = 0.8 / max(1, len(ret))
         for i, (label, r) in enumerate(ret.items()):
-            ax.bar([j + i * width for j in range(len(gcols))], [100 * (r.get(c) or 0) for c in gcols], width, label=label)
+            ax.bar([j + i * width for j in range(len(gcols))], [100 * (r.get(c) or 0) for c in gcols], width, label=label,
+                   color=color[label])
         ax.axhline(100, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xticks([j + width * (len(ret) - 1) / 2 for j in range(len(gcols))], gcols)
         ax.set_ylabel("retention vs base (%)")
@@ -119,7 +122,7 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
         if pts:
             fig, ax = plt.subplots(figsize=(4.8, 3.8))
             for label, d, g in pts:
-                ax.scatter(100 * d, 100 * g)
+                ax.scatter(100 * d, 100 * g, color=color[label])
                 ax.annotate(label, (100 * d, 100 * g), textcoords="offset points", xytext=(4, 4))
             ax.set_xlabel("D-Acc (%)")
             ax.set_ylabel("mean general retention (%)")
@@ -134,7 +137,7 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
             for label, rows in curves.items():
                 pts = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, color=color[label])
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.legend()
