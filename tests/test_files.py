@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from raftune.files import append_jsonl, atomic_write_jsonl, read_jsonl_log, stable_hash
+from raftune.files import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl_log,
+    stable_hash,
+)
 
 
 def test_stable_hash_ignores_key_order_and_sees_values():
@@ -35,3 +41,13 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_jsonl(path, [{"a": "é"}])
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
     assert json.loads(path.read_text(encoding="utf-8")) == {"a": "é"}
+
+
+def test_atomic_write_gives_the_permissions_open_gives(tmp_path):
+    """Not mkstemp's private 0600: results are meant to be read by others where the umask allows."""
+    import os
+
+    atomic_write_json(tmp_path / "a.json", {})
+    with open(tmp_path / "b.json", "w") as f:
+        f.write("{}")
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == os.stat(tmp_path / "b.json").st_mode & 0o777

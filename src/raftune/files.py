@@ -15,12 +15,23 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:n]
 
 
+def _read_umask() -> int:  # os.umask can only be read by setting it: once, at import, before any threads
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that ``path`` holds either the old content or all of the new, never a part."""
+    """Write ``text`` so that ``path`` holds either the old content or all of the new, never a part.
+    The file gets the permissions ``open`` would give it (mkstemp's temporary file is private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
