@@ -321,3 +321,43 @@ def test_a_stopped_evaluation_resumes_without_asking_again(tiny_model_dir, tmp_p
     # other settings in the same folder: computed again, not mixed
     evaluate(EvalConfig(**{**cfg.__dict__, "max_new_tokens": 6}), progress=False)
     assert len(calls) == 6
+
+
+def test_base_answers_come_from_the_base_evaluation(tiny_model_dir, tmp_path, monkeypatch):
+    """The base model's evaluation answers the general prompts; a tuned model's evaluation against it
+    (drift, and the general suite in pairwise mode) takes the base answers from there: the base model is
+    asked nothing, and the drift suite scores exactly those answers."""
+    from raftune.generation import open_generator
+
+    real_open = evaluate_module.open_generator
+    asked = {}
+
+    class Counting:  # the tiny model under a spec name, counting the conversations it completes
+        def __init__(self, spec):
+            self.inner, self.spec = open_generator(str(tiny_model_dir), device="cpu"), spec
+            self.name = spec
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+        def chat(self, conversations, params):
+            asked[self.spec] = asked.get(self.spec, 0) + len(conversations)
+            return self.inner.chat(conversations, params)
+
+    monkeypatch.setattr(evaluate_module, "open_generator",
+                        lambda spec, **kw: RuleJudge() if spec == "rule" else Counting(spec) if spec in ("base", "tuned")
+                        else real_open(spec, **kw))
+    common = dict(judges=("rule",), general_data=str(_general_prompts(tmp_path)), max_new_tokens=5, base_model="base",
+                  out_dir=str(tmp_path / "runs"), device="cpu")
+    base_run = evaluate(EvalConfig(model="base", suites=("general", "drift"), name="base", **common), progress=False)
+    assert asked == {"base": 3}  # its general answers; the drift suite's base answers are the same, logged
+    asked.clear()
+    base_log = (base_run / "completions.jsonl").read_text()
+    tuned_run = evaluate(EvalConfig(model="tuned", suites=("general", "drift"), name="tuned", general_mode="pairwise",
+                                    base_results=str(base_run / "results.json"), **common), progress=False)
+    assert asked == {"tuned": 3}
+    base_answers = [json.loads(line)["answer"] for line in (base_run / "general.jsonl").read_text().splitlines()]
+    drift_rows = [json.loads(line) for line in (tuned_run / "drift.jsonl").read_text().splitlines()]
+    pairwise_rows = [json.loads(line) for line in (tuned_run / "general.jsonl").read_text().splitlines()]
+    assert [r["base_answer"] for r in drift_rows] == base_answers == [r["base_answer"] for r in pairwise_rows]
+    assert (base_run / "completions.jsonl").read_text() == base_log  # read by the tuned evaluation, never written

@@ -428,12 +428,12 @@ def eval_general(cfg: EvalConfig, model: Generator, judges: list[Generator], bas
     return summary, rows
 
 
-def eval_drift(cfg: EvalConfig, model: Generator, base: Generator) -> tuple[dict, list[dict]]:
-    from raftune.forgetting import base_answers, drift, load_general_prompts
+def eval_drift(cfg: EvalConfig, model: Generator, base: Generator, progress: bool) -> tuple[dict, list[dict]]:
+    from raftune.forgetting import drift, load_general_prompts
 
     prompts = load_general_prompts(cfg.general_data, limit=cfg.general_limit)
-    answers = base_answers(base.model, base.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size)
+    # the base model's greedy answers, as the general suite asks for them: made once, logged, shared
+    answers = [c.text for c in _chat(base, [_user(p) for p in prompts], _greedy(cfg), "base answers", progress)]
     result = drift(base.model, model.model, base.tokenizer, prompts, answers, batch_size=max(1, cfg.batch_size // 2))
     rows = [{"prompt": p, "base_answer": a, **r} for p, a, r in zip(prompts, answers, result.pop("per_prompt"))]
     return result, rows
@@ -466,7 +466,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
     if summaries:
         log.info("%s: resuming; suites already done: %s", run, ", ".join(summaries))
     opts = dict(batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
-    completions = CompletionLog(run / "completions.jsonl")  # every completion: a rerun asks nothing twice
+    # every completion is logged: a rerun asks nothing twice, and the base model's answers that its own
+    # evaluation made (general prompts) serve as the base answers of the drift and pairwise suites
+    base_log = Path(cfg.base_results).parent / "completions.jsonl" if cfg.base_results else None
+    completions = CompletionLog(run / "completions.jsonl", also=[base_log] if base_log and base_log.exists() else [])
     if completions.entries:
         log.info("%s: %d logged completions will be reused", run, len(completions.entries))
 
@@ -495,7 +498,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
         elif suite == "general":
             summary, rows = eval_general(cfg, model, judges, base, progress)
         elif suite == "drift":
-            summary, rows = eval_drift(cfg, model, base)
+            summary, rows = eval_drift(cfg, model, base, progress)
         else:
             summary, rows = eval_weights(model, base, run)
         atomic_write_jsonl(run / f"{suite}.jsonl", rows)

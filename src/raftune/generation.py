@@ -153,16 +153,21 @@ def open_generator(
 
 class CompletionLog:
     """Completions logged to a JSONL file as they are made, keyed by backend, conversation and settings;
-    one log may serve several generators (a model and its judges)."""
+    one log may serve several generators (a model and its judges). ``also`` are other runs' logs,
+    read but never written: their completions are served too (an evaluation reuses the base model's
+    answers that the base model's own evaluation made)."""
 
-    def __init__(self, path):
+    def __init__(self, path, also=()):
         from pathlib import Path
 
         from raftune.files import read_jsonl_log
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.entries = {r["key"]: Completion(**r["completion"]) for r in read_jsonl_log(self.path)}
+        self.entries = {}
+        for source in [*also, self.path]:
+            rows = read_jsonl_log(source, repair=Path(source) == self.path)
+            self.entries.update({r["key"]: Completion(**r["completion"]) for r in rows})
 
     def add(self, entries: dict[str, Completion]) -> None:
         from dataclasses import asdict
