@@ -86,11 +86,12 @@ def config_error(path: Optional[Path], error: Exception) -> str:
     if path is None:
         return message
     words = set(re.findall(r"[A-Za-z_][\w-]*", message.split("; known:")[0]))  # not the list of valid names
-    named = [k for k in _key_lines(path) if k.rsplit(".", 1)[-1] in words]
+    lines = _key_lines(path)
+    named = [k for k in lines if k.rsplit(".", 1)[-1] in words]
     if not named:
         return f"{path}: {message}"
     key = max(named, key=lambda k: k.count("."))
-    return f"{path}:{_key_lines(path)[key]}: setting {key}: {message}"
+    return f"{path}:{lines[key]}: setting {key}: {message}"
 
 
 def build_config(cls, yaml_path: Optional[Path], **flags):
