@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,8 @@ def _setup_logging(verbose: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would bury our own progress
+    # peft asks transformers for a renamed attribute on every LoRA set-up; nothing a user can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _load_yaml(path: Optional[Path]) -> dict:
