@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,14 +22,15 @@ import torch
 
 
 def child(args) -> dict:
+    # the sibling benchmarks' pieces: the peak of this process, a run's seconds per step, the tiny Llama
+    from kl_loss import peak_bytes
+    from train_step import step_seconds, tiny_model
+
     from raftune.train import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model == "tiny":
-            # the sibling benchmark's random 2-layer Llama
-            from train_step import tiny_model
-
             model = tiny_model(Path(tmp) / "tiny")
         cfg = TrainConfig(data=args.data, method=args.method, model=model, out_dir=tmp, batch_size=args.batch_size,
                           max_steps=args.steps, max_len=args.max_len, rollout_max_new_tokens=args.rollout_tokens,
@@ -39,14 +38,11 @@ def child(args) -> dict:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         run = train(cfg, progress=False)
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        steps = [r["rollout_s"] + r["other_s"] for r in rows if "lr" in r]
-    if torch.cuda.is_available():
-        peak, where = torch.cuda.max_memory_allocated(), "cuda max allocated"
-    else:
-        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
-    return {"gc": args.gc, "peak_bytes": peak, "where": where,
-            "step_seconds": statistics.median(steps[1:] or steps), "last_ce": rows[-1].get("ce")}
+        seconds = step_seconds(run, skip=1)
+        last_ce = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]).get("ce")
+    cuda = torch.cuda.is_available()
+    return {"gc": args.gc, "peak_bytes": peak_bytes("cuda" if cuda else "cpu"),
+            "where": "cuda max allocated" if cuda else "peak RSS", "step_seconds": seconds, "last_ce": last_ce}
 
 
 def main():

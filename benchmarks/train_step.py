@@ -38,10 +38,11 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
-def step_seconds(run: Path) -> float:
+def step_seconds(run: Path, skip: int = 2) -> float:
+    """Median seconds per step (rollout + the rest) of a training run, leaving out its first ``skip`` steps."""
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["rollout_s"] + r["other_s"] for r in rows if "lr" in r][2:]
-    return statistics.median(steps)
+    steps = [r["rollout_s"] + r["other_s"] for r in rows if "lr" in r]
+    return statistics.median(steps[skip:] or steps)
 
 
 def main():

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from raftune.data import DataError
+from raftune.models import eval_mode
 from raftune.sequences import chat_prompt_ids, pad_right
 
 SPLITS = ("dev", "val", "test")
@@ -232,9 +233,7 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], *
     _check_lengths(model, seqs)
     order = sorted(range(len(pairs)), key=lambda i: -len(seqs[i]))  # longest first: an OOM shows at once
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in _batches(order, batch_size, progress, "mmlu"):
             logits_BTV = _forward(model, [seqs[i] for i in batch])
             for row, i in enumerate(batch):
@@ -243,8 +242,6 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], *
                 logp_CV = torch.log_softmax(logits_BTV[row, P - 1 : P + C - 1].float(), dim=-1)  # (C, V)
                 target_C = torch.tensor(pairs[i][1], device=logp_CV.device)
                 out[i] = (logp_CV.gather(-1, target_C[:, None]).sum().item(), C)
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -260,17 +257,13 @@ def next_token_logprobs(model, prompts: Sequence[list[int]], token_ids: Sequence
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out_NK = torch.zeros(len(prompts), len(token_ids))
     targets_K = torch.tensor(list(token_ids))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in _batches(order, batch_size, progress, "mmlu"):
             logits_BTV = _forward(model, [list(prompts[i]) for i in batch])
             last_B = torch.tensor([len(prompts[i]) - 1 for i in batch], device=logits_BTV.device)
             logits_BV = logits_BTV[torch.arange(len(batch), device=logits_BTV.device), last_B]
             logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
             out_NK[batch] = logp_BV[:, targets_K.to(logp_BV.device)].cpu()
-    finally:
-        model.train(was_training)
     return out_NK
 
 

@@ -10,6 +10,7 @@ reachable fails with a message that says what to pass instead.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -106,6 +107,17 @@ def _dequantized_folder(gguf: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 def pick_device(device: str | None = None) -> torch.device:

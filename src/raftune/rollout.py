@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raftune.models import eval_mode
+
 
 @dataclass(frozen=True)
 class RolloutConfig:
@@ -52,10 +54,8 @@ def sample_trajectories(model, prompts: list[list[int]], cfg: RolloutConfig, pad
     # With a static cache, prompt lengths are rounded up so that the compiled graphs are reused.
     to_len = -(-max(len(p) for p in prompts) // prompt_bucket) * prompt_bucket if fast else None
     ids, attn = pad_left(prompts, pad_id, to_len)
-    was_training = model.training
-    model.eval()
-    try:
-        kw = dict(cache_implementation="static") if fast else {}
+    kw = dict(cache_implementation="static") if fast else {}
+    with eval_mode(model):
         out = model.generate(
             input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=cfg.max_new_tokens,
             do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
@@ -63,8 +63,6 @@ def sample_trajectories(model, prompts: list[list[int]], cfg: RolloutConfig, pad
             use_cache=True,  # the trainer turns the config's cache off for training forwards
             **kw,
         )
-    finally:
-        model.train(was_training)
     traj = out[:, ids.shape[1]:].cpu()  # (B, L')
     if traj.shape[1] < cfg.max_new_tokens:  # every row stopped early
         traj = torch.cat([traj, torch.full((traj.shape[0], cfg.max_new_tokens - traj.shape[1]), pad_id)], dim=1)

@@ -23,7 +23,6 @@ valid tokens, divided by the number of valid tokens of the whole optimizer step.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -46,6 +45,7 @@ from raftune.distributed import (
     trainable_state,
 )
 from raftune.files import append_jsonl, atomic_write_json, stable_hash
+from raftune.models import eval_mode
 from raftune.rollout import RolloutConfig, sample_trajectories
 from raftune.sequences import (
     TEACHER_CONTEXTS,
@@ -230,17 +230,6 @@ class TokenLosses(torch.nn.Module):
         if what == "topk":
             return losses.chunked_teacher_topk(h, head, k or head.weight.shape[0], temperature, chunk)
         raise ValueError(what)
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
-    """``module`` in eval mode (no dropout) for the block, then back in the mode it was in."""
-    was = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was)
 
 
 @torch.no_grad()
