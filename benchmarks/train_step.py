@@ -2,14 +2,13 @@
 
     python benchmarks/train_step.py --model tiny --steps 6                       # CPU, tiny random Llama
     python benchmarks/train_step.py --model default --data ../shared/data/medquad/qa.jsonl.gz \\
-        --batch-size 16 --rollout-tokens 256 --steps 8 --rollout-compare          # GPU, the peer table's settings
+        --batch-size 16 --rollout-tokens 256 --steps 8                            # GPU, the peer table's settings
 
 Each method trains for ``--steps`` steps through the real trainer (``raftune.train.train``); the
 figure is the median wall time of steps 3..N from its metrics.jsonl (rollout_s + other_s), so the
 first steps' warm-up and compilation are left out, as in the peer measurement of
 ../shared/gpu/README.md (TRL's DistillationTrainer: 7.45 s/step, 25.5x its SFT step).
-``--rollout-compare`` also times the student's rollouts with the fast path (static cache, compiled)
-against default ``generate`` at the same batch and prints tokens/s of each.
+Rollout speed against default ``generate``, and every other GPU figure: ``benchmarks/gpu.py``.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -53,7 +51,6 @@ def main():
     p.add_argument("--rollout-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--lora", action="store_true")
-    p.add_argument("--rollout-compare", action="store_true")
     args = p.parse_args()
 
     from raftune.train import TrainConfig, train
@@ -72,32 +69,6 @@ def main():
         print(f"SFT step:  {seconds['sft']:.3f} s")
         print(f"RAFT step: {seconds['raft']:.3f} s")
         print(f"ratio RAFT / SFT: {seconds['raft'] / seconds['sft']:.2f}x")
-        if args.rollout_compare:
-            rollout_compare(model, args)
-
-
-def rollout_compare(model_spec: str, args) -> None:
-    from raftune.data import load_qa
-    from raftune.models import load_model_and_tokenizer
-    from raftune.rollout import RolloutConfig, sample_trajectories
-    from raftune.sequences import chat_prompt_ids
-
-    model, tok = load_model_and_tokenizer(model_spec)
-    examples = load_qa(args.data, limit=args.batch_size * 4)[0]
-    prompts = [[chat_prompt_ids(tok, ex.question) for ex in examples[i : i + args.batch_size]]
-               for i in range(0, len(examples), args.batch_size)]
-    for fast in ("eager", "static"):
-        cfg = RolloutConfig(max_new_tokens=args.rollout_tokens, temperature=1.0, fast=fast)
-        sample_trajectories(model, prompts[0], cfg, tok.pad_token_id, {tok.eos_token_id})  # warm-up / compile
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0, n = time.perf_counter(), 0
-        for p in prompts[1:]:
-            _, mask = sample_trajectories(model, p, cfg, tok.pad_token_id, {tok.eos_token_id})
-            n += int(mask.sum())
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        print(f"rollout {fast}: {n / (time.perf_counter() - t0):.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 from conftest import KEY, KEY_ENV, free_port
 
 from raftune.generation import Completion, SamplingParams, open_generator
-from raftune.remote import OpenAIChatGenerator, RemoteError, _retry_after_s
+from raftune.generation.remote import OpenAIChatGenerator, RemoteError, _retry_after_s
 
 
 def _user(text: str) -> list[dict[str, str]]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from raftune.rollout import mask_after_eos, pad_left
+from raftune.rollout import mask_after_eos
 from raftune.sequences import (
     APPENDIX_H,
     answer_batch,
@@ -77,7 +77,3 @@ def test_answer_labels_cover_the_answer_and_end_of_turn(tok):
     _, _, _, lmask2, cut2 = answer_batch(tok, prompts[:1], ["word " * 50], tok.eos_token_id, len(prompts[0]) + 5, 0)
     assert cut2 == 1 and int(lmask2.sum()) == 5
 
-
-def test_left_padding_for_generation():
-    ids, mask = pad_left([[1, 2, 3], [4]], pad_id=0, to_len=4)
-    assert ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]

@@ -283,3 +283,20 @@ def test_fsdp_run_stopped_by_sigterm_resumes_on_one_process(tmp_path, tiny_model
     a, b = weights(tmp_path / "runs" / "straight"), weights(run)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora": True}])
+def test_bf16_mixed_precision_rollouts_decode_in_bf16(tmp_path, tiny_model_dir, monkeypatch, extra):
+    """The trainer's CUDA set-up on the CPU: fp32 master weights, accelerate's bf16 autocast around the
+    forward, rollouts through the engine inside it. Its caches are bf16 and the run trains."""
+    from raftune.generation import engine as engine_module
+
+    made = []
+    real_new_cache = engine_module._new_cache
+    monkeypatch.setattr(engine_module, "_new_cache", lambda *a: made.append(real_new_cache(*a)) or made[-1])
+    run = train(cfg(tmp_path, tiny_model_dir, method="raft", mixed_precision="bf16", **extra), progress=False)
+    assert made and {layer.keys.dtype for c in made for layer in c.layers} == {torch.bfloat16}
+    rows = [r for r in metrics(run) if "lr" in r]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor([r["ce"], r["kl"]])).all() for r in rows)
+    assert all(r["rollout_tokens"] > 0 for r in rows)
+    assert weights(run)  # saved

@@ -45,6 +45,7 @@ from raftune.distributed import (
     trainable_state,
 )
 from raftune.files import append_jsonl, atomic_write_json, stable_hash
+from raftune.generation.engine import COMPILE_MODES
 from raftune.models import eval_mode
 from raftune.rollout import RolloutConfig, sample_trajectories
 from raftune.sequences import (
@@ -107,7 +108,8 @@ class TrainConfig:
     rollout_max_new_tokens: int = 128
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
-    rollout_fast: str = "auto"
+    rollout_compile: str = field(default="auto", metadata={
+        "help": "rollout decoding: auto (CUDA graphs on CUDA, eager elsewhere), off, or a torch.compile mode"})
     top_k: int | None = field(default=512, metadata={"help": "teacher's top-K (paper: 512); null: full vocabulary"})
     kl_temperature: float = field(default=1.0, metadata={"help": "T (inferred default 1.0)"})
     kl_direction: str = "forward"
@@ -128,7 +130,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     tensorboard: bool = False
     device: str | None = None
-    dtype: str | None = None
+    dtype: str | None = field(default=None, metadata={"help": "master weights' dtype; default fp32"})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 autocast on CUDA, none elsewhere), bf16 (also on CPU), or no"})
     name: str | None = None
 
     def __post_init__(self):
@@ -143,6 +147,8 @@ class TrainConfig:
             (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be > 0"),
             (self.rollout_max_new_tokens >= 1, "rollout_max_new_tokens must be >= 1"),
+            (self.mixed_precision in ("auto", "bf16", "no"), f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}"),
+            (self.rollout_compile in COMPILE_MODES, f"rollout_compile must be one of {COMPILE_MODES}, got {self.rollout_compile!r}"),
             (not (self.fsdp and self.teacher_device), "fsdp shards the teacher with the student: drop teacher_device"),
         ]
         for ok, msg in checks:
@@ -253,6 +259,7 @@ def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
     from rich.progress import (
         BarColumn,
@@ -266,8 +273,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     from raftune.models import pick_device
 
-    bf16 = torch.cuda.is_available() and cfg.device != "cpu"
-    acc = Accelerator(cpu=pick_device(cfg.device).type == "cpu", mixed_precision="bf16" if bf16 else "no")
+    device_type = pick_device(cfg.device).type
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device_type == "cuda")
+    # accelerate keeps one mixed-precision state per process; a second run in the process (`raftune run`
+    # trains several methods) may want another one. The distributed state (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    acc = Accelerator(cpu=device_type == "cpu", mixed_precision="bf16" if bf16 else "no")
     torch.manual_seed(cfg.seed)
     spec = cfg.spec
     fsdp = (cfg.fsdp or acc.distributed_type == DistributedType.FSDP) and acc.num_processes > 1
@@ -358,7 +369,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             epoch += 1
 
     batches = micro_batches()
-    rollout_cfg = RolloutConfig(cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_fast)
+    rollout_cfg = RolloutConfig(cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_compile)
     columns = [TextColumn(f"train {cfg.method}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not (progress and acc.is_main_process)) as bar:
@@ -371,7 +382,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             t0 = time.perf_counter()
             prompts = [[chat_prompt_ids(tok, ex.question, ex.system) for ex in b] for _, b in micro]
             with gathered(model), torch.no_grad():  # no_grad outside too: DDP then prepares no reduction
-                rollouts = [model("rollout", p, rollout_cfg, tok.pad_token_id, eos_ids) if spec.kl else None for p in prompts]
+                rollouts = [model("rollout", p, rollout_cfg, tok.pad_token_id, eos_ids, batch_bucket=cfg.batch_size)
+                            if spec.kl else None for p in prompts]
             t_rollout = time.perf_counter() - t0
             ce_inputs = [answer_batch(tok, p, [ex.answer for ex in b], eot, cfg.max_len, tok.pad_token_id) if spec.ce else None
                          for p, (_, b) in zip(prompts, micro)]

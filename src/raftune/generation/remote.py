@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import httpx
 
-from raftune.generation import Completion, Messages, SamplingParams
+from raftune.generation.base import Completion, Messages, SamplingParams
 
 log = logging.getLogger("raftune.remote")
 

@@ -1,0 +1,54 @@
+"""The local backend: a transformers model in this process, decoding through the ``DecodeEngine``."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from raftune.generation.base import Completion, Messages, SamplingParams
+from raftune.generation.engine import engine_for
+
+
+class LocalGenerator:
+    """A causal LM in this process; ``chat`` runs the conversations in batches of ``batch_size``.
+
+    Every batch is padded to ``batch_size`` rows when the engine compiles, so a short last batch
+    reuses the graph of the full ones. ``compile`` is the engine's (``auto``: CUDA graphs on CUDA).
+    """
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 16, compile: str = "auto"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = batch_size
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        self.engine = engine_for(model, pad_id=tokenizer.pad_token_id, eos_ids=self.eos_ids, compile=compile)
+
+    def chat(self, conversations: Sequence[Messages], params: SamplingParams) -> list[Completion]:
+        out: list[Completion] = []
+        for start in range(0, len(conversations), self.batch_size):
+            out.extend(self._chat_batch(conversations[start : start + self.batch_size], params, start))
+        return out
+
+    def _chat_batch(self, conversations: Sequence[Messages], params: SamplingParams, offset: int) -> list[Completion]:
+        tok = self.tokenizer
+        prefixes = [c[-1]["content"] if c[-1]["role"] == "assistant" else None for c in conversations]
+        cont = prefixes[0] is not None  # a reply prefix: continue the assistant turn instead of opening one
+        if any((p is not None) != cont for p in prefixes):
+            raise ValueError("either every conversation of a call ends with an assistant reply prefix or none does")
+        prompts = tok.apply_chat_template(list(conversations), add_generation_prompt=not cont, continue_final_message=cont,
+                                          tokenize=True, return_dict=True)["input_ids"]
+        if params.seed is not None:
+            torch.manual_seed(params.seed + offset)  # each batch of a call draws its own, reproducible stream
+        gen = self.engine.generate(prompts, params.max_new_tokens, params.temperature, params.top_p,
+                                   batch_bucket=self.batch_size)
+        results = []
+        for row, n, stopped, prompt, prefix in zip(gen.tokens_BN.tolist(), gen.lengths_B.tolist(), gen.stopped_B.tolist(),
+                                                   prompts, prefixes):
+            text = tok.decode(row[:n], skip_special_tokens=True)
+            text = (prefix + text if prefix else text).strip()
+            results.append(Completion(text, len(prompt), n, "stop" if stopped else "length"))
+        return results
