@@ -462,3 +462,45 @@ def test_direction_k_chunk_and_mask_are_validated():
         token_ce(z, torch.zeros(1, 2, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool))
     torch.testing.assert_close(token_ce(z, torch.zeros(1, 2, dtype=torch.long), mask.long()),  # 0/1 ints are masks
                                token_ce(z, torch.zeros(1, 2, dtype=torch.long), mask))
+
+
+# --- TALR and L2-SP ----------------------------------------------------------------------------------
+
+def test_talr_weights_on_known_probabilities():
+    from raftune.losses import talr_weights
+
+    p = torch.tensor([[0.9, 0.5, 0.01, 1e-9]])  # the target tokens' probabilities
+    mask = torch.tensor([[True, True, True, True]])
+    w = talr_weights(-torch.log(p), mask, tau=0.5)  # p^(1/0.5) = p^2, clamped at 0.01; p clamped at 1e-6
+    assert torch.allclose(w, torch.tensor([[0.81, 0.25, 0.01, 0.01]]), atol=1e-6)
+    w1 = talr_weights(-torch.log(p), torch.tensor([[True, False, True, True]]), tau=2.0)  # p^0.5
+    assert torch.allclose(w1, torch.tensor([[0.9 ** 0.5, 0.0, 0.1, 0.01]]), atol=1e-6)  # 1e-6 ** 0.5 < 0.01
+    ce = -torch.log(p).requires_grad_()
+    assert not talr_weights(ce, mask, 1.0).requires_grad  # a stop-gradient
+    with pytest.raises(ValueError):
+        talr_weights(ce, mask, 0.0)
+
+
+def test_talr_loss_is_weighted_ce_over_answer_tokens_and_tau_is_the_median_sequence_nll():
+    from raftune.losses import reduce_step, talr_tau, talr_weights
+
+    ce = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    assert talr_tau(ce, mask) == pytest.approx(2.0)  # per-sequence means 2.0, 2.0, 0.5
+    assert talr_tau(ce, torch.zeros_like(mask)) == 1.0  # nothing to measure: a neutral tau
+    w = talr_weights(ce, mask, 2.0)
+    loss = reduce_step(w * ce, mask, int(mask.sum()))
+    expected = sum(math.exp(-c / 2.0) * c for c in (1.0, 3.0, 2.0, 0.5, 0.5, 0.5)) / 6
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_l2sp_penalty_and_its_gradient():
+    from raftune.losses import l2sp_penalty
+
+    w0 = [torch.tensor([1.0, -2.0]), torch.tensor([[0.5]])]
+    w = [torch.tensor([1.5, -1.0], requires_grad=True), torch.tensor([[0.0]], requires_grad=True)]
+    pen = l2sp_penalty(w, w0)
+    assert float(pen) == pytest.approx(0.25 + 1.0 + 0.25)
+    pen.backward()
+    assert torch.allclose(w[0].grad, 2 * (w[0].detach() - w0[0])) and torch.allclose(w[1].grad, torch.tensor([[-1.0]]))
+    assert float(l2sp_penalty([t.detach() for t in w0], w0)) == 0.0

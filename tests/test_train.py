@@ -31,6 +31,12 @@ def cfg(tmp_path, model, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def write_general(path: Path, n: int = 6) -> Path:
+    """General instruction data in Alpaca's format, for replay."""
+    path.write_text(json.dumps([{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}."} for i in range(n)]))
+    return path
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model" / "model.safetensors"))
 
@@ -43,7 +49,13 @@ def metrics(run: Path) -> list[dict]:
     ("raft", {"lora": True}, {"ce", "kl", "lambda", "ce_over_lambda_kl"}),
     ("raft", {}, {"ce", "kl", "lambda"}),
     ("sft", {"answer_field": "original_answer"}, {"ce"}),
-    ("onpolicy", {}, {"kl"}),
+    ("onpolicy", {}, {"ce", "kl", "lambda"}),
+    ("distill", {}, {"kl"}),
+    ("talr", {}, {"ce", "talr_tau"}),
+    ("talr", {"talr_tau": 0.5}, {"ce", "talr_tau"}),
+    ("l2sp", {}, {"ce", "l2sp"}),
+    ("replay", {"replay_data": "GENERAL"}, {"ce"}),
+    ("raft", {"replay_data": "GENERAL", "l2sp_alpha": 0.1}, {"ce", "kl", "lambda", "l2sp"}),
     ("raft", {"kl_lambda": 0.5}, {"ce", "kl", "lambda"}),
     ("raft", {"top_k": None, "kl_direction": "reverse"}, {"ce", "kl"}),
     ("raft", {"teacher_context": "chat", "grad_accum": 2}, {"ce", "kl"}),
@@ -51,6 +63,8 @@ def metrics(run: Path) -> list[dict]:
 def test_every_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir, method, extra, keys):
     from transformers import AutoModelForCausalLM
 
+    if extra.get("replay_data") == "GENERAL":
+        extra = {**extra, "replay_data": str(write_general(tmp_path / "general.json"))}
     run = train(cfg(tmp_path, tiny_model_dir, method=method, eval_data=str(tmp_path / "fused.jsonl"), eval_limit=4, **extra),
                 progress=False)
     rows = [r for r in metrics(run) if "lr" in r]
@@ -61,8 +75,12 @@ def test_every_method_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir
         assert r["rollout_s"] >= 0 and r["tokens_per_s"] > 0
     if "lambda" in keys and extra.get("kl_lambda"):
         assert all(r["lambda"] == 0.5 for r in rows)
+    elif method == "onpolicy":  # the paper's on-policy baseline: a fixed lambda of 1
+        assert all(r["lambda"] == 1.0 for r in rows)
+    elif "talr_tau" in keys and extra.get("talr_tau"):
+        assert all(r["talr_tau"] == 0.5 for r in rows)
     elif "lambda" in keys:  # EMA: the first step's lambda is CE / KL exactly (bias correction)
-        assert rows[0]["lambda"] == pytest.approx(rows[0]["ce"] / rows[0]["kl"], rel=1e-4)
+        assert rows[0]["lambda"] == pytest.approx(rows[0]["ce"] / (rows[0]["kl"] + 1e-8), rel=1e-4)  # eps 1e-8
     assert sum("eval_domain_loss" in r for r in metrics(run)) == 2
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged on save
@@ -300,3 +318,84 @@ def test_bf16_mixed_precision_rollouts_decode_in_bf16(tmp_path, tiny_model_dir, 
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor([r["ce"], r["kl"]])).all() for r in rows)
     assert all(r["rollout_tokens"] > 0 for r in rows)
     assert weights(run)  # saved
+
+
+def test_onpolicy_moves_the_weights_from_the_first_step(tmp_path, tiny_model_dir):
+    """At step 1 the student is its teacher, so a KL-only objective has nothing to learn; the on-policy
+    baseline has CE on the answers too, and its first step moves every weight matrix."""
+    from transformers import AutoModelForCausalLM
+
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    run = train(cfg(tmp_path, tiny_model_dir, method="onpolicy", max_steps=1, weight_decay=0.0), progress=False)
+    row = [r for r in metrics(run) if "lr" in r][0]
+    assert row["ce"] > 1.0 and row["kl"] < 1e-3 and row["lambda"] == 1.0
+    tuned = weights(run)
+    moved = [n for n, p in base.items() if p.ndim == 2 and not torch.equal(tuned[n], p.detach())]
+    assert len(moved) == sum(p.ndim == 2 for p in base.values())
+
+
+def test_a_chat_model_gets_the_chat_teacher_context_by_default(tmp_path, tiny_model_dir):
+    from raftune.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    assert tok.chat_template
+    assert cfg(tmp_path, tiny_model_dir, method="raft").resolve(tok).teacher_context == "chat"
+    assert cfg(tmp_path, tiny_model_dir, method="raft", teacher_context="appendix_h").resolve(tok).teacher_context == "appendix_h"
+    assert cfg(tmp_path, tiny_model_dir, method="onpolicy").resolve(tok).teacher_context == "none"
+    tok.chat_template = None
+    assert cfg(tmp_path, tiny_model_dir, method="raft").resolve(tok).teacher_context == "appendix_h"
+    run = train(cfg(tmp_path, tiny_model_dir, method="raft", max_steps=1), progress=False)
+    assert json.loads((run / "config.json").read_text())["resolved"]["teacher_context"] == "chat"
+
+
+def test_l2sp_keeps_the_weights_closer_to_the_start(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
+
+    def distance(run):
+        w = weights(run)
+        return sum(float((w[n] - p).pow(2).sum()) for n, p in base.items())
+
+    common = dict(max_steps=4, weight_decay=0.0, lr=1e-2)
+    sft = train(cfg(tmp_path, tiny_model_dir, method="sft", name="sft", **common), progress=False)
+    l2sp = train(cfg(tmp_path, tiny_model_dir, method="l2sp", l2sp_alpha=50.0, name="l2sp", **common), progress=False)
+    assert distance(l2sp) < 0.5 * distance(sft)
+    rows = [r for r in metrics(l2sp) if "lr" in r]
+    assert rows[0]["l2sp"] == 0.0 and rows[-1]["l2sp"] > 0  # alpha ||W - W_0||^2, zero before the first update
+
+
+def test_replay_mixes_a_share_of_general_data_into_every_batch_in_a_resumable_order(tmp_path):
+    from raftune.data import load_qa
+    from raftune.train import _replay_examples
+
+    general = load_qa(str(write_general(tmp_path / "general.json", n=5)))[0]
+    c = TrainConfig(data="demo", method="replay", replay_data="x", replay_ratio=0.2)
+    first = _replay_examples(general, c, 0, 8)
+    assert len(first) == 2  # 2 of 10: a share of 0.2 of the CE batch
+    seen = [ex.question for m in range(5) for ex in _replay_examples(general, c, m, 8)]
+    assert sorted(seen) == sorted([ex.question for ex in general] * 2)  # cycled through the whole set
+    assert [ex.question for ex in _replay_examples(general, c, 3, 8)] == seen[6:8]  # a function of the index
+    with pytest.raises(ValueError, match="replay_data"):
+        TrainConfig(data="demo", method="replay")
+
+
+def test_distill_learns_toward_another_teacher_model(tmp_path, tiny_model_dir):
+    """``teacher_model``: the second phase of SFT-then-distill pulls a tuned model back toward the
+    original; with the starting model as its own teacher the first KL is 0."""
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other"
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m.save_pretrained(other)
+    from raftune.models import load_tokenizer
+
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(other)
+    own = train(cfg(tmp_path, tiny_model_dir, method="distill", max_steps=1, name="own"), progress=False)
+    away = train(cfg(tmp_path, tiny_model_dir, method="distill", max_steps=1, name="away", teacher_model=str(other)),
+                 progress=False)
+    assert [r for r in metrics(own) if "lr" in r][0]["kl"] < 1e-4
+    assert [r for r in metrics(away) if "lr" in r][0]["kl"] > 1e-3

@@ -302,8 +302,14 @@ def _parse_row(row: Any, question_field: str, answer_field: str,
         return _text(row[question_field], question_field), _text(row[answer_field], answer_field), None
     if messages_field in row:
         return _from_chat(row[messages_field], messages_field)
+    if "instruction" in row and "output" in row:  # Alpaca's format: instruction (+ input) -> output
+        question = _text(row["instruction"], "instruction")
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise _RowError("input", f"expected a string, got {_type_name(extra)}")
+        return (f"{question}\n\n{extra.strip()}" if extra.strip() else question), _text(row["output"], "output"), None
     raise _RowError(question_field, f"missing (the row has: {', '.join(map(str, row))}; expected "
-                    f"'{question_field}' and '{answer_field}', or '{messages_field}')")
+                    f"'{question_field}' and '{answer_field}', '{messages_field}', or Alpaca's instruction and output)")
 
 
 def load_qa(source: str, *, question_field: str = "question", answer_field: str = "answer",

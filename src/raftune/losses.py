@@ -260,6 +260,48 @@ def reduce_step(token_losses_BT: Tensor, mask_BT: Tensor, n_step_tokens: int | f
     return total / (n_step_tokens if n_step_tokens > 0 else 1)  # 0 tokens in the step: every sum is 0
 
 
+# --- TALR and L2-SP (baselines) -------------------------------------------------------------------
+
+TALR_MIN_WEIGHT = 0.01  # w_t is clamped from below: no token is ignored entirely
+TALR_MIN_PROB = 1e-6  # p_t is clamped from below before the power: w_t stays finite for any tau
+
+
+def talr_tau(ce_BT: Tensor, mask_BT: Tensor) -> float:
+    """TALR's temperature when none is set: the median over sequences of each sequence's mean NLL
+    (from a third-party reading of the paper, ../shared/paper/talr-summary.txt; the paper's own rule
+    is not in the text). Sequences without a valid token are left out. ce_BT, mask_BT (B, T)."""
+    mask_BT = _as_mask(mask_BT, tuple(ce_BT.shape))
+    n_B = mask_BT.sum(dim=1)
+    per_seq_B = ce_BT.detach().float().masked_fill(~mask_BT, 0.0).sum(dim=1) / n_B.clamp(min=1)
+    per_seq_B = per_seq_B[n_B > 0]
+    return float(per_seq_B.median()) if per_seq_B.numel() else 1.0
+
+
+def talr_weights(ce_BT: Tensor, mask_BT: Tensor, tau: float) -> Tensor:
+    """Token-adaptive loss reweighting: w_t = stop_gradient(clamp(p_t^(1/tau), min=0.01)), p_t the
+    probability of the target token (exp(-CE_t), clamped at 1e-6). Tokens the model already finds
+    likely keep their weight, unlikely ones (where SFT would move the model most) are damped.
+    ce_BT, mask_BT (B, T) -> (B, T) weights, 0 where the mask is False. Multiply the per-token CE by
+    them and reduce with ``reduce_step`` (sum / number of answer tokens)."""
+    if not tau > 0:
+        raise ValueError(f"TALR's tau must be > 0, got {tau}")
+    mask_BT = _as_mask(mask_BT, tuple(ce_BT.shape))
+    logp_BT = (-ce_BT.detach().float()).clamp(min=math.log(TALR_MIN_PROB))
+    w_BT = torch.exp(logp_BT / tau).clamp(min=TALR_MIN_WEIGHT)
+    return w_BT.masked_fill(~mask_BT, 0.0)
+
+
+def l2sp_penalty(params: list[Tensor], anchors: list[Tensor]) -> Tensor:
+    """L2-SP: ||W - W_0||^2 summed over the trained parameters (the caller multiplies by alpha).
+    Its gradient is 2 (W - W_0), which the trainer adds to each parameter's gradient directly."""
+    if len(params) != len(anchors):
+        raise ValueError(f"{len(params)} parameters but {len(anchors)} anchors")
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    for p, a in zip(params, anchors):
+        total = total + (p.float() - a.float()).pow(2).sum()
+    return total
+
+
 # --- EMA loss balancing (Eq. 11-12) ----------------------------------------------------------------
 
 class EMABalancer:

@@ -8,13 +8,21 @@ One training function serves every method; a method is a choice of loss terms, d
 context (``METHODS``), not a subclass:
 
     raft      CE on the fused answers + lambda * top-K KL on the student's own trajectories, the
-              teacher (frozen original model) given the fused answer as context (Appendix H),
-              lambda from bias-corrected EMAs of both losses (paper Eq. 11-12)
+              teacher (frozen original model) given the fused answer as context (``chat`` for a
+              model with a chat template, else Appendix H's plain text), lambda from
+              bias-corrected EMAs of both losses (paper Eq. 11-12)
     sft       CE on the answers only
-    onpolicy  KL only, teacher given the student's own prompt
+    onpolicy  CE + a fixed lambda (default 1.0) * KL to the teacher given only the prompt (the
+              paper's on-policy baseline, Appendix B: no answer conditioning, fixed balancing)
+    distill   KL only, the teacher given only the prompt: with ``teacher_model`` set to the
+              original model and ``model`` to an SFT model, the second phase of SFT-then-distill
+    talr      CE with token-adaptive loss reweighting (TALR): w_t = clamp(p_t^(1/tau), 0.01)
+    l2sp      CE + alpha * ||W - W_0||^2 over the trained parameters (L2-SP)
+    replay    CE on the answers with general instruction data (``replay_data``) mixed into every batch
 
 Ablations are settings: ``kl_lambda`` (a fixed lambda), ``top_k: null`` (full-vocabulary KL),
-``teacher_context`` (``appendix_h``, ``chat`` or ``none``), ``kl_direction`` (forward, reverse).
+``teacher_context`` (``appendix_h``, ``chat`` or ``none``), ``kl_direction`` (forward, reverse);
+``replay_data`` and ``l2sp_alpha`` add replay or L2-SP to any method with a CE term.
 
 A step, in the order of the method: batch; rollout (the student samples trajectories); student
 forward on prompt + fused answer (CE); student forward on prompt + trajectory and teacher forward on
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -64,13 +73,23 @@ log = logging.getLogger("raftune.train")
 class Method:
     ce: bool
     kl: bool
-    teacher_context: str = "appendix_h"
+    teacher_context: str = "auto"  # auto: chat where the tokenizer has a chat template, else appendix_h
+    kl_lambda: float | None = None  # a fixed lambda; None: EMA-balanced (with both terms)
+    talr: bool = False  # CE reweighted per token (TALR)
+    l2sp_alpha: float = 0.0  # alpha of the L2-SP penalty
+    replay: bool = False  # needs replay_data
 
+
+L2SP_ALPHA = 0.01  # chosen, not from a paper: the L2-SP method's alpha when l2sp_alpha is not set
 
 METHODS = {
-    "raft": Method(ce=True, kl=True, teacher_context="appendix_h"),
+    "raft": Method(ce=True, kl=True),
     "sft": Method(ce=True, kl=False),
-    "onpolicy": Method(ce=False, kl=True, teacher_context="none"),
+    "onpolicy": Method(ce=True, kl=True, teacher_context="none", kl_lambda=1.0),
+    "distill": Method(ce=False, kl=True, teacher_context="none"),
+    "talr": Method(ce=True, kl=False, talr=True),
+    "l2sp": Method(ce=True, kl=False, l2sp_alpha=L2SP_ALPHA),
+    "replay": Method(ce=True, kl=False, replay=True),
 }
 
 
@@ -113,10 +132,20 @@ class TrainConfig:
     top_k: int | None = field(default=512, metadata={"help": "teacher's top-K (paper: 512); null: full vocabulary"})
     kl_temperature: float = field(default=1.0, metadata={"help": "T (inferred default 1.0)"})
     kl_direction: str = "forward"
-    kl_lambda: float | None = field(default=None, metadata={"help": "fixed lambda; null: EMA-balanced (raft)"})
+    kl_lambda: float | None = field(default=None, metadata={
+        "help": "fixed lambda; null: the method's (raft: EMA-balanced; onpolicy: 1.0)"})
     ema_decay: float = 0.9
     ema_eps: float = field(default=1e-8, metadata={"help": "inferred"})
-    teacher_context: str | None = field(default=None, metadata={"help": f"{TEACHER_CONTEXTS}; default: the method's"})
+    teacher_context: str | None = field(default=None, metadata={
+        "help": f"{TEACHER_CONTEXTS}; default: the method's (raft: chat for a model with a chat template, else appendix_h)"})
+    teacher_model: str | None = field(default=None, metadata={
+        "help": "the frozen teacher of the KL term; default: the model the run starts from"})
+    # --- baselines
+    talr_tau: float | None = field(default=None, metadata={
+        "help": "TALR's tau; null: each step, the median over sequences of their mean NLL (a third-party reading)"})
+    l2sp_alpha: float | None = field(default=None, metadata={"help": f"L2-SP's alpha; null: the method's (l2sp: {L2SP_ALPHA}, others 0)"})
+    replay_data: str | None = field(default=None, metadata={"help": "general instruction data mixed into every CE batch"})
+    replay_ratio: float = field(default=0.2, metadata={"help": "share of each CE batch taken from replay_data (chosen default)"})
     max_reference_tokens: int = 1024
     loss_chunk: int = field(default=64, metadata={"help": "sequence positions per chunk of the LM head and losses"})
     gradient_checkpointing: bool = field(default=False, metadata={
@@ -150,6 +179,12 @@ class TrainConfig:
             (self.mixed_precision in ("auto", "bf16", "no"), f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}"),
             (self.rollout_compile in COMPILE_MODES, f"rollout_compile must be one of {COMPILE_MODES}, got {self.rollout_compile!r}"),
             (not (self.fsdp and self.teacher_device), "fsdp shards the teacher with the student: drop teacher_device"),
+            (self.talr_tau is None or self.talr_tau > 0, f"talr_tau must be > 0 or null, got {self.talr_tau}"),
+            (self.l2sp_alpha is None or self.l2sp_alpha >= 0, f"l2sp_alpha must be >= 0 or null, got {self.l2sp_alpha}"),
+            (0 <= self.replay_ratio < 1, f"replay_ratio must be in [0, 1), got {self.replay_ratio}"),
+            (not METHODS.get(self.method, METHODS["sft"]).replay or self.replay_data,
+             "method replay needs replay_data (general instruction data, e.g. ../shared/data/alpaca_tiny/alpaca_tiny.json)"),
+            (not self.replay_data or METHODS.get(self.method, METHODS["sft"]).ce, "replay_data needs a method with a CE term"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -157,8 +192,23 @@ class TrainConfig:
 
     @property
     def spec(self) -> Method:
+        """The method with this config's overrides; ``teacher_context`` may still be ``auto`` (see ``resolve``)."""
         m = METHODS[self.method]
-        return dataclasses.replace(m, teacher_context=self.teacher_context or m.teacher_context)
+        return dataclasses.replace(
+            m, teacher_context=self.teacher_context or m.teacher_context,
+            kl_lambda=self.kl_lambda if self.kl_lambda is not None else m.kl_lambda,
+            l2sp_alpha=self.l2sp_alpha if self.l2sp_alpha is not None else m.l2sp_alpha,
+            replay=m.replay or self.replay_data is not None)
+
+    def resolve(self, tok) -> Method:
+        """``spec`` with ``auto`` settled for this tokenizer: the chat-formatted teacher context where it
+        has a chat template. On a chat model Appendix H's plain-text context makes the teacher predict
+        the end of the turn at once, and RAFT's answers empty (175 of 200 held-out answers on
+        SmolLM2-135M-Instruct, docs/results.md)."""
+        spec = self.spec
+        if spec.teacher_context == "auto":
+            spec = dataclasses.replace(spec, teacher_context="chat" if getattr(tok, "chat_template", None) else "appendix_h")
+        return spec
 
     @property
     def learning_rate(self) -> float:
@@ -170,17 +220,27 @@ class TrainConfig:
 
 def build_models(cfg: TrainConfig, device: torch.device):
     """(student, teacher, tokenizer), both models wrapped in ``TokenLosses``. The teacher is the frozen
-    original model: with LoRA, None, because it is the student's weights with the adapters switched
-    off (no second copy); otherwise a frozen copy."""
+    original model: with LoRA and no other ``teacher_model``, None, because it is the student's
+    weights with the adapters switched off (no second copy); otherwise a frozen copy, or
+    ``teacher_model`` loaded apart (it must share the student's vocabulary)."""
     from raftune.models import load_model_and_tokenizer, pick_device, pick_dtype
 
     # fp32 master weights; on CUDA the forward runs under bf16 autocast (accelerate's mixed precision)
     model, tok = load_model_and_tokenizer(cfg.model, device=str(device), dtype=cfg.dtype or "fp32")
     model.config.use_cache = False
     teacher = None
-    if cfg.spec.kl and not cfg.lora:
+    other_teacher = cfg.teacher_model not in (None, cfg.model)
+    if cfg.spec.kl and (other_teacher or not cfg.lora):
         tdev = pick_device(cfg.teacher_device or str(device))
-        teacher = TokenLosses(copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype)).eval().requires_grad_(False))
+        if other_teacher:
+            t_model, t_tok = load_model_and_tokenizer(cfg.teacher_model, device=str(tdev), dtype=cfg.teacher_dtype)
+            if len(t_tok) != len(tok) or t_tok.get_vocab() != tok.get_vocab():
+                raise ValueError(f"teacher_model {cfg.teacher_model!r} has another vocabulary than {cfg.model!r}: "
+                                 "the KL compares their distributions token by token")
+        else:
+            t_model = copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype))
+        t_model.config.use_cache = False
+        teacher = TokenLosses(t_model.eval().requires_grad_(False))
     if cfg.gradient_checkpointing:  # only training-mode forwards recompute: rollouts (eval mode) keep their KV cache
         # non-reentrant: works with frozen embeddings (LoRA), with FSDP2 and with DDP's gradient hooks
         kwargs = {"use_reentrant": False}
@@ -280,7 +340,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(cpu=device_type == "cpu", mixed_precision="bf16" if bf16 else "no")
     torch.manual_seed(cfg.seed)
-    spec = cfg.spec
     fsdp = (cfg.fsdp or acc.distributed_type == DistributedType.FSDP) and acc.num_processes > 1
     if cfg.fsdp and not fsdp:
         log.warning("fsdp asked for with a single process: nothing to shard over; training unsharded")
@@ -291,6 +350,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     train_set, report = load_qa(cfg.data, answer_field=cfg.answer_field)
     refs = {ex.key: ex.answer for ex in load_qa(cfg.data, answer_field=ref_field)[0]} if ref_field != cfg.answer_field else None
     eval_set = load_qa(cfg.eval_data, limit=cfg.eval_limit)[0] if cfg.eval_data else []
+    replay_set = load_qa(cfg.replay_data)[0] if cfg.replay_data else []
     execution = ("out_dir", "tensorboard", "name", "device", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps", "fsdp",
                  "gradient_checkpointing")
     ident = stable_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution}, 10)  # what the run computes
@@ -302,6 +362,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # --- models, optimizer, schedule
     # FSDP: load on the CPU, and sharding puts each process's shard on its device
     model, teacher, tok = build_models(cfg, torch.device("cpu") if fsdp else acc.device)
+    spec = cfg.resolve(tok)
+    atomic_write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "resolved": dataclasses.asdict(spec)})
     if fsdp:
         shard(model, acc.device.type, mixed_precision=bf16)
         if teacher is not None:
@@ -312,6 +374,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if spec.l2sp_alpha else None  # W_0 of L2-SP, before any resume
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -385,8 +448,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 rollouts = [model("rollout", p, rollout_cfg, tok.pad_token_id, eos_ids, batch_bucket=cfg.batch_size)
                             if spec.kl else None for p in prompts]
             t_rollout = time.perf_counter() - t0
-            ce_inputs = [answer_batch(tok, p, [ex.answer for ex in b], eot, cfg.max_len, tok.pad_token_id) if spec.ce else None
-                         for p, (_, b) in zip(prompts, micro)]
+            ce_inputs = []
+            for m, (p, (_, b)) in enumerate(zip(prompts, micro)):
+                if not spec.ce:
+                    ce_inputs.append(None)
+                    continue
+                extra = _replay_examples(replay_set, cfg, state["micro"] + m, len(b)) if spec.replay else []
+                ce_inputs.append(answer_batch(tok, p + [chat_prompt_ids(tok, ex.question, ex.system) for ex in extra],
+                                              [ex.answer for ex in [*b, *extra]], eot, cfg.max_len, tok.pad_token_id))
             n_ce = sum(int(c[3].sum()) for c in ce_inputs) if spec.ce else 0
             n_kl = sum(int(r[1].sum()) for r in rollouts) if spec.kl else 0
             # the step's token counts over all processes, divided by their number: DDP averages the
@@ -394,7 +463,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             n_ce, n_kl = _global(acc, n_ce) / acc.num_processes, _global(acc, n_kl) / acc.num_processes
             ce_sum, kl_sum, tokens = 0.0, 0.0, 0
             kl_grads = None  # with EMA lambda, CE and KL gradients are kept apart until lambda is known
-            split = spec.ce and spec.kl and cfg.kl_lambda is None
+            split = spec.ce and spec.kl and spec.kl_lambda is None
+            talr_taus = []
             # Each loss term is backpropagated right after its own forward: DDP allows one backward per forward.
             for (_, batch), p, ro, ce_in in zip(micro, prompts, rollouts, ce_inputs):
                 # --- student forward on prompt + answer: CE
@@ -405,6 +475,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     with acc.autocast():
                         ce_tok = model("ce", ids.to(acc.device), attn.to(acc.device), labels=labels.to(acc.device),
                                        mask=lmask, chunk=cfg.loss_chunk)
+                        if spec.talr:  # per micro-batch: tau from the sequences at hand
+                            talr_taus.append(cfg.talr_tau or losses.talr_tau(ce_tok, lmask))
+                            ce_tok = ce_tok * losses.talr_weights(ce_tok, lmask, talr_taus[-1])
                         ce_loss = losses.reduce_step(ce_tok, lmask, n_ce)
                     acc.backward(ce_loss)
                     ce_sum += float(ce_loss.detach())
@@ -419,7 +492,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                         acc.backward(kl_loss)
                         kl_grads = _swap_grads(params, kl_grads)
                     else:
-                        acc.backward(kl_loss * (cfg.kl_lambda if spec.ce else 1.0))
+                        acc.backward(kl_loss * (spec.kl_lambda if spec.ce else 1.0))
                     kl_sum += float(kl_loss.detach())
                     tokens += n_tok
             ce_step, kl_step = _global(acc, ce_sum, mean=True), _global(acc, kl_sum, mean=True)
@@ -431,10 +504,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     if g is not None:
                         prm.grad = g.mul_(lam) if prm.grad is None else prm.grad.add_(g, alpha=lam)
             elif spec.ce and spec.kl:
-                lam = cfg.kl_lambda
+                lam = spec.kl_lambda
             else:
                 lam = None
-            loss_value = (ce_step if spec.ce else 0.0) + ((lam or 1.0) * kl_step if spec.kl else 0.0)
+            l2sp = None
+            if anchors is not None:  # its gradient 2 alpha (W - W_0) added directly: no backward, no collective
+                with torch.no_grad():
+                    l2sp = spec.l2sp_alpha * float(losses.l2sp_penalty(params, anchors))
+                    for prm, w0 in zip(params, anchors):
+                        delta = (prm.detach() - w0).mul_(2 * spec.l2sp_alpha)
+                        prm.grad = delta if prm.grad is None else prm.grad.add_(delta)
+            loss_value = (ce_step if spec.ce else 0.0) + ((lam or 1.0) * kl_step if spec.kl else 0.0) + (l2sp or 0.0)
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
                 state["bad_in_a_row"] += 1
@@ -461,6 +541,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if spec.kl:
                 row["kl"] = kl_step
                 row["rollout_tokens"] = n_kl
+            if talr_taus:
+                row["talr_tau"] = sum(talr_taus) / len(talr_taus)
+            if l2sp is not None:
+                row["l2sp"] = l2sp
             if lam is not None:
                 row["lambda"] = lam
                 row["ce_over_lambda_kl"] = ce_step / (lam * kl_step) if lam * kl_step > 0 else None
@@ -521,6 +605,15 @@ def _kl_loss(cfg, spec, model, teacher, tok, batch, prompts, traj, tmask, refs, 
     kl_tok = model("kl", s_ids.to(acc.device), s_attn.to(acc.device), pos=s_pos.to(acc.device), mask=mask, t_logp=t_logp,
                    t_idx=t_idx, chunk=cfg.loss_chunk, temperature=cfg.kl_temperature, direction=cfg.kl_direction)
     return losses.reduce_step(kl_tok, mask, n_kl), int(s_attn.sum() + t_attn.sum())
+
+
+def _replay_examples(replay_set: list[QAExample], cfg: TrainConfig, micro_index: int, n_domain: int) -> list[QAExample]:
+    """The general examples mixed into micro-batch ``micro_index``: a share ``replay_ratio`` of its CE
+    batch, taken in order from a seeded permutation of the replay data (cycled), so a resumed run
+    replays exactly what the uninterrupted one would."""
+    k = round(n_domain * cfg.replay_ratio / (1 - cfg.replay_ratio))
+    order = torch.randperm(len(replay_set), generator=torch.Generator().manual_seed(cfg.seed + 7919)).tolist()
+    return [replay_set[order[(micro_index * k + j) % len(order)]] for j in range(k)]
 
 
 def _swap_grads(params, stash):
