@@ -291,7 +291,12 @@ def run(
     refine_dir = Path(result["refine_dir"])
     print(f"refine: {refine_dir / 'fused.jsonl'}  (summary: {refine_dir / 'summary.json'})")
     for m, r in result["methods"].items():
-        print(f"{m}: held-out domain loss {r['base_domain_loss']:.4f} (base) -> {r['domain_loss']:.4f}; model {r['model']}")
+        if r.get("posthoc"):
+            print(f"{m}: {r['posthoc']} of {r['from']}; model {r['model']}")
+        elif r["domain_loss"] is not None:
+            print(f"{m}: held-out domain loss {r['base_domain_loss']:.4f} (base) -> {r['domain_loss']:.4f}; model {r['model']}")
+        else:
+            print(f"{m}: model {r['model']}")
     if "comparison" in result:
         sys.stdout.write("\n" + result["comparison"]["markdown"])
         print(f"comparison: {result['comparison']['dir']}")
@@ -407,6 +412,51 @@ def templates_cmd(
         print(f"wrote {out}")
     else:
         sys.stdout.write(text)
+
+
+_BASE_HELP = "the model before tuning: 'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a hub id"
+_TUNED_HELP = "the model folder a `raftune train` run wrote (runs/train-<hash>/model): a full model or a LoRA adapter"
+
+
+@app.command()
+def fapm(
+    tuned: str = typer.Option(..., help=_TUNED_HELP),
+    out: Path = typer.Option(..., help="folder for the pruned model (replaced if it exists)"),
+    base: str = typer.Option("default", help=_BASE_HELP),
+    keep: float = typer.Option(0.1, help="fraction of each parameter's change W_ft - W_0 kept, in (0, 1]"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+):
+    """FAPM: keep the changes of each parameter that least risk forgetting, prune the rest back to the base."""
+    from raftune.posthoc import fapm as run_fapm
+
+    _setup_logging(verbose)
+    try:
+        folder = run_fapm(base, tuned, str(out), keep=keep)
+    except _stage_errors() as e:
+        fail(e)
+        raise typer.Exit(2) from None
+    print(f"model: {folder}")
+
+
+@app.command()
+def wise(
+    tuned: str = typer.Option(..., help=_TUNED_HELP),
+    out: Path = typer.Option(..., help="parent folder of one model folder wise-<alpha> per alpha (each replaced if it exists)"),
+    base: str = typer.Option("default", help=_BASE_HELP),
+    alpha: list[float] = typer.Option([0.5], help="weight a of the tuned model in (1 - a) W_0 + a W_ft, in [0, 1] (repeatable)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+):
+    """WiSE-FT: average the base and the tuned weights, one model per alpha."""
+    from raftune.posthoc import wise as run_wise
+
+    _setup_logging(verbose)
+    try:
+        folders = run_wise(base, tuned, str(out), alpha)
+    except _stage_errors() as e:
+        fail(e)
+        raise typer.Exit(2) from None
+    for a, folder in zip(dict.fromkeys(alpha), folders):
+        print(f"alpha {a:g}: {folder}")
 
 
 def main() -> None:
