@@ -1,32 +1,38 @@
 """Stage 1 end to end: on a tiny random model (plumbing, resume, shards) and on the real embedded model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+import raftune.models
+import raftune.refine
 from raftune.files import read_jsonl_log
+from raftune.generation import Completion
 from raftune.refine import MergeError, RefineConfig, merge, refine
 
 
 def write_qa(path: Path, n: int) -> Path:
     with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"question": f"What does function_{i} do?",
-                                "answer": f"function_{i} returns the {i}-th prime number of the list."}) + "\n")
+        f.writelines(json.dumps({"question": f"What does function_{i} do?",
+                                 "answer": f"function_{i} returns the {i}-th prime number of the list."}) + "\n"
+                     for i in range(n))
     return path
 
 
 def tiny_cfg(tmp_path, model, data, **kw) -> RefineConfig:
-    base = dict(data=str(data), out_dir=str(tmp_path / "runs"), model=str(model), judges=(str(model),),
-                tau=-1.0, rounds=2, max_new_tokens=8, judge_max_new_tokens=4, judge_retries=1,
-                batch_size=4, test_fraction=0.25, device="cpu")
+    base = {"data": str(data), "out_dir": str(tmp_path / "runs"), "model": str(model), "judges": (str(model),),
+            "tau": -1.0, "rounds": 2, "max_new_tokens": 8, "judge_max_new_tokens": 4, "judge_retries": 1,
+            "batch_size": 4, "test_fraction": 0.25, "device": "cpu"}
     base.update(kw)
     return RefineConfig(**base)
 
@@ -113,7 +119,7 @@ def test_kill_and_resume_loses_nothing_and_repeats_nothing(tmp_path, tiny_model_
     partial = read_jsonl_log(run / "records.jsonl", repair=False)
     assert 4 <= len(partial) < len(targets) and not (run / "fused.jsonl").exists()
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "fused data:" in done.stdout
     log = read_jsonl_log(run / "records.jsonl")
@@ -122,6 +128,154 @@ def test_kill_and_resume_loses_nothing_and_repeats_nothing(tmp_path, tiny_model_
     assert [r for r in log if r["key"] in {p["key"] for p in partial}] == partial  # kept, not redone
     fused = [json.loads(l)["key"] for l in (run / "fused.jsonl").read_text().splitlines()]
     assert fused == targets
+
+
+# --- SDFT mode ------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def only_the_original_model(monkeypatch, model: str) -> list[str]:
+    """Make loading anything but ``model`` (a fusion model, a judge, the encoder) fail; the specs opened."""
+    opened = []
+    real_open = raftune.refine.open_generator
+
+    def open_generator(spec, **opts):
+        assert spec == model, f"sdft mode loaded {spec!r}"
+        opened.append(spec)
+        return real_open(spec, **opts)
+
+    def load_encoder(*args, **kwargs):
+        raise AssertionError("sdft mode loaded the sentence encoder")
+
+    monkeypatch.setattr(raftune.refine, "open_generator", open_generator)
+    monkeypatch.setattr(raftune.models, "load_encoder", load_encoder)
+    return opened
+
+
+def test_sdft_mode_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_qa(tmp_path / "qa.jsonl", 12)
+    raft_run = refine(tiny_cfg(tmp_path, tiny_model_dir, data, limit=1), progress=False)  # for its folder and split
+
+    opened = only_the_original_model(monkeypatch, str(tiny_model_dir))
+    # settings SDFT does not read name things that cannot load, and do not change its folder
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, data, mode="sdft", judges=("judge-never-loaded",),
+                   fusion_model="fusion-never-loaded", encoder="encoder-never-loaded", tau=0.9)
+    assert cfg.output_settings() == tiny_cfg(tmp_path, tiny_model_dir, data, mode="sdft").output_settings()
+    run = refine(cfg, progress=False)
+    assert opened == [str(tiny_model_dir)]
+    assert run != raft_run and run.parent == raft_run.parent
+    assert (run / "heldout.jsonl").read_bytes() == (raft_run / "heldout.jsonl").read_bytes()
+
+    targets = json.loads((run / "targets.json").read_text())
+    fused, prov = read_rows(run / "fused.jsonl"), read_rows(run / "provenance.jsonl")
+    assert len(targets) == 9 and [r["key"] for r in fused] == targets == [r["key"] for r in prov]
+    assert set(fused[0]) == set(read_rows(raft_run / "fused.jsonl")[0])  # same columns as raft's
+    for row, r in zip(fused, prov):
+        assert row["original_answer"] == r["answer"] and row["source"] == r["chosen_source"]
+        assert r["candidates"] == [] and r["similarity"] is None
+        if r["chosen_source"] == "sdft_rewrite":
+            assert row["answer"] == r["rewrite"] and r["rewrite"].strip() and r["leak"] is None
+        else:
+            assert r["chosen_source"] in ("original_leak", "original_no_rewrite")
+            assert row["answer"] == r["answer"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == "sdft" and summary["samples"] == 9
+    assert summary["chosen_source"] == dict(Counter(r["source"] for r in fused))
+    assert summary["accepted"] == summary["chosen_source"].get("sdft_rewrite", 0)
+    assert summary["judge_scores"]["verdicts"] == 0
+    assert not (run / "similarity_histogram.png").exists() and not (run / "judge_scores.png").exists()
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert resolved["mode"] == "sdft" and set(resolved["templates"]) == {"sdft"}
+
+
+class FakeOriginal:
+    """The original model, scripted: function_i's rewrite leaks the prompt for i % 3 == 0, is empty
+    for i % 3 == 1, and is a clean answer otherwise."""
+
+    name = "fake-original"
+    batch_size = 4
+
+    def __init__(self):
+        self.prompts: list[str] = []
+
+    def chat(self, conversations, params):
+        out = []
+        for conv in conversations:
+            prompt = conv[-1]["content"]
+            self.prompts.append(prompt)
+            i = int(re.search(r"function_(\d+)", prompt).group(1))
+            text = [f"Reference answer: function_{i} returns a prime.", "",
+                    f"function_{i} gives back prime number {i}."][i % 3]
+            out.append(Completion(text=text, prompt_tokens=10, completion_tokens=len(text.split()), finish_reason="stop"))
+        return out
+
+
+@pytest.fixture
+def fake_original(monkeypatch) -> FakeOriginal:
+    fake = FakeOriginal()
+
+    def open_generator(spec, **opts):
+        assert spec == "fake-model", f"sdft mode loaded {spec!r}"
+        return fake
+
+    monkeypatch.setattr(raftune.refine, "open_generator", open_generator)
+    monkeypatch.setattr(raftune.models, "load_encoder", lambda *a, **k: pytest.fail("sdft mode loaded the encoder"))
+    return fake
+
+
+def test_sdft_leaking_and_empty_rewrites_fall_back_to_the_original(tmp_path, fake_original):
+    data = write_qa(tmp_path / "qa.jsonl", 12)
+    run = refine(tiny_cfg(tmp_path, "fake-model", data, mode="sdft", test_fraction=0.0), progress=False)
+    assert len(fake_original.prompts) == 12
+    assert all("Using the reference answer as a guide" in p for p in fake_original.prompts)
+    prov = read_rows(run / "provenance.jsonl")
+    fused = {r["key"]: r for r in read_rows(run / "fused.jsonl")}
+    for r in prov:
+        i = int(re.search(r"function_(\d+)", r["question"]).group(1))
+        source, leak = [("original_leak", "reference answer"), ("original_no_rewrite", None), ("sdft_rewrite", None)][i % 3]
+        assert (r["chosen_source"], r["leak"]) == (source, leak)
+        want = r["rewrite"] if source == "sdft_rewrite" else r["answer"]
+        assert fused[r["key"]]["answer"] == r["chosen"] == want
+        assert fused[r["key"]]["original_answer"] == r["answer"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["chosen_source"] == {"original_leak": 4, "original_no_rewrite": 4, "sdft_rewrite": 4}
+    assert summary["similarity"]["no_rewrite"] == 4 and summary["accepted"] == 4
+
+
+def test_sdft_resumes_from_its_log_and_generates_nothing_twice(tmp_path, fake_original):
+    data = write_qa(tmp_path / "qa.jsonl", 10)
+    cfg = tiny_cfg(tmp_path, "fake-model", data, mode="sdft", test_fraction=0.0)
+    first = refine(dataclasses.replace(cfg, limit=4), progress=False)
+    assert len(fake_original.prompts) == 4
+    run = refine(cfg, progress=False)  # the rest of the targets, into the same folder and log
+    assert run == first and len(fake_original.prompts) == 10
+    before = (run / "fused.jsonl").read_text()
+    assert refine(cfg, progress=False) == run
+    assert len(fake_original.prompts) == 10 and (run / "fused.jsonl").read_text() == before
+    assert len(read_jsonl_log(run / "records.jsonl")) == 10
+
+
+def test_sdft_template_override_is_used_and_changes_the_folder(tmp_path, fake_original):
+    data = write_qa(tmp_path / "qa.jsonl", 4)
+    cfg = tiny_cfg(tmp_path, "fake-model", data, mode="sdft", test_fraction=0.0)
+    path = tmp_path / "t.yaml"
+    path.write_text("sdft:\n  user: 'Guided by: {answer}\n\nAnswer yourself: {question}'\n")
+    # a raft template's text does not concern sdft mode, its own one does
+    raft_only = tmp_path / "raft.yaml"
+    raft_only.write_text("fuse:\n  user: 'Merge {answer} and {rewrite} for {question}'\n")
+    assert dataclasses.replace(cfg, templates=str(raft_only)).output_settings() == cfg.output_settings()
+    default_run = refine(cfg, progress=False)
+    run = refine(dataclasses.replace(cfg, templates=str(path)), progress=False)
+    assert run != default_run and len(fake_original.prompts) == 8
+    assert all(p.startswith("Guided by: ") for p in fake_original.prompts[4:])
+
+
+def test_mode_is_validated():
+    with pytest.raises(ValueError, match="mode must be one of raft, sdft, got 'dpo'"):
+        RefineConfig(data="demo", mode="dpo")
 
 
 @pytest.mark.slow

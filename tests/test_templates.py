@@ -2,8 +2,10 @@ import pytest
 
 from raftune.templates import (
     DEFAULT_TEMPLATES,
+    LEAK_PHRASES,
     TemplateError,
     dump_templates,
+    leaks_prompt,
     load_templates,
 )
 
@@ -58,3 +60,51 @@ def test_reply_prefix_opens_the_assistant_turn(tmp_path):
     path.write_text("judge:\n  user: '{question}{answer}{candidate}'\n  reply_prefix: 'Rating:'\n  colour: red\n")
     with pytest.raises(TemplateError, match=r"unknown field\(s\) \['colour'\]"):
         load_templates(path)
+
+
+def test_sdft_template_is_editable_and_needs_question_and_answer(tmp_path):
+    msgs = DEFAULT_TEMPLATES["sdft"].render(question="Q?", answer="A.")
+    assert "Using the reference answer as a guide, write your own response" in msgs[-1]["content"]
+    path = tmp_path / "t.yaml"
+    path.write_text("sdft:\n  user: 'Guided by {answer}, answer: {question}'\n")
+    assert load_templates(path)["sdft"].render(question="q", answer="a")[-1]["content"] == "Guided by a, answer: q"
+    path.write_text("sdft:\n  user: 'only {question}'\n")
+    with pytest.raises(TemplateError, match=r"template 'sdft' lacks placeholder\(s\) \['answer'\]"):
+        load_templates(path)
+
+
+@pytest.mark.parametrize("phrase", LEAK_PHRASES)
+def test_leaks_prompt_finds_each_phrase_in_any_case(phrase):
+    for variant in (phrase, phrase.upper(), phrase.title(), phrase.capitalize()):
+        assert leaks_prompt(f"Sure. {variant}: the function returns a list.") == phrase
+
+
+@pytest.mark.parametrize("text, phrase", [
+    ("Reference answer:\nIt returns the median.", "reference answer"),
+    ("It returns the median, as the reference says.", "the reference"),
+    ("Now it\u2019s your turn! It returns the median.", "now it's your turn"),  # typographic apostrophe
+    ("### Instruction:\nWhat does median do?\n### Response:\nIt returns the median.", "### instruction"),
+    ("Here is your response: it returns the median.", "your response"),
+])
+def test_leaks_prompt_on_leaking_rewrites(text, phrase):
+    assert leaks_prompt(text) == phrase
+
+
+@pytest.mark.parametrize("text", [
+    "statistics.median returns the middle value of the data.",
+    "If it cannot be created, we try to make a copy of the referenced file instead.",  # a word, not the phrase
+    "Responses are cached; references are weak.",
+])
+def test_leaks_prompt_passes_clean_text(text):
+    assert leaks_prompt(text) is None
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t"])
+def test_leaks_prompt_flags_an_empty_rewrite(text):
+    assert leaks_prompt(text) == "(empty)"
+
+
+def test_the_default_sdft_prompt_itself_counts_as_a_leak():
+    """A rewrite that parrots the prompt is caught by the phrases of that prompt."""
+    prompt = DEFAULT_TEMPLATES["sdft"].render(question="What does median do?", answer="The middle value.")
+    assert leaks_prompt(prompt[-1]["content"]) is not None

@@ -120,6 +120,8 @@ def refine(
     judge: Optional[list[str]] = typer.Option(None, help="a judge (repeat for several): model spec or http(s)://host:port/v1#model"),
     encoder: Optional[str] = typer.Option(None, help="sentence encoder [embedded all-MiniLM-L6-v2]"),
     templates: Optional[str] = typer.Option(None, help="YAML file overriding prompt templates (see `raftune templates`)"),
+    mode: Optional[str] = typer.Option(None, help="raft, or sdft: the SDFT baseline's data (the model's own rewrites; "
+                                                  "one that leaks the prompt keeps the original) [raft]"),
     tau: Optional[float] = typer.Option(None, help="similarity threshold [0.8, inferred]"),
     rounds: Optional[int] = typer.Option(None, help="fusion rounds R [3, inferred]"),
     gamma: Optional[float] = typer.Option(None, help="early-stop judge average [8, inferred]"),
@@ -145,7 +147,7 @@ def refine(
     try:
         cfg = build_config(
             RefineConfig, config, data=data, out_dir=out_dir, model=model, fusion_model=fusion_model,
-            judges=tuple(judge) if judge else None, encoder=encoder, templates=templates, tau=tau, rounds=rounds,
+            judges=tuple(judge) if judge else None, encoder=encoder, templates=templates, mode=mode, tau=tau, rounds=rounds,
             gamma=gamma, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
             shard=parse_shard(shard) if shard else None, seed=seed, question_field=question_field,
             answer_field=answer_field, messages_field=messages_field, device=device, dtype=dtype,

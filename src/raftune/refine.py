@@ -8,6 +8,13 @@ samples a fusion model merges a and a' into a candidate, every judge scores the 
 consistency with a (1-10), up to R rounds, keeping the best average and stopping early once the
 average reaches gamma. Output: the fused dataset plus per-sample provenance.
 
+    raftune refine --data demo --limit 64 --mode sdft
+
+``mode="sdft"`` is the SDFT baseline (self-distillation fine-tuning, Yang et al., ACL 2024): the
+original model rewrites each answer with the ``sdft`` template, a rewrite that echoes the prompt
+(``templates.leaks_prompt``) or is empty falls back to the original answer, and nothing else runs
+(no filter, fusion or judges). Same split, logs and files; SFT on its ``fused.jsonl`` is SDFT.
+
 Run folder (``<out_dir>/refine-<hash>``, the hash covering the data and every setting that changes
 the output): ``config.json``; ``heldout.jsonl`` (the test split, never refined); ``targets.json``
 (the keys to refine, in order); ``records*.jsonl`` (one provenance row per sample, appended batch
@@ -41,14 +48,26 @@ from raftune.files import (
 from raftune.generation import Generator, SamplingParams, open_generator
 from raftune.judging import mean_score, score_with_judges
 from raftune.similarity import DEFAULT_TAU, SemanticFilter, passes
-from raftune.templates import REFINE_TEMPLATES, load_templates
+from raftune.templates import (
+    REFINE_TEMPLATES,
+    SDFT_TEMPLATES,
+    leaks_prompt,
+    load_templates,
+)
 
 log = logging.getLogger("raftune.refine")
+
+MODES = ("raft", "sdft")
+# Settings SDFT never reads: left out of an sdft run's hash, so changing them reuses its folder.
+RAFT_ONLY = ("fusion_model", "judges", "encoder", "tau", "rounds", "gamma", "judge_retries",
+             "judge_max_new_tokens", "fusion_temperature")
 
 
 @dataclass(frozen=True)
 class RefineConfig:
     data: str = field(metadata={"help": "dataset: 'demo', a JSONL/JSON/CSV/Parquet file, a datasets folder or a hub id"})
+    mode: str = field(default="raft", metadata={"help": "raft (rewrite, filter, fuse, judge) or sdft (the SDFT baseline: "
+                                                        "the original model's own rewrite, the original answer where it leaks the prompt)"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     model: str = field(default="default", metadata={"help": "the original model pi_0, which rewrites"})
     fusion_model: str | None = field(default=None, metadata={"help": "merges original and rewrite; default: the original model"})
@@ -81,6 +100,7 @@ class RefineConfig:
 
     def __post_init__(self):
         checks = [
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
             (-1.0 <= self.tau <= 1.0, f"tau must be in [-1, 1], got {self.tau}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (1 <= self.gamma <= 10, f"gamma must be in [1, 10], got {self.gamma}"),
@@ -102,8 +122,14 @@ class RefineConfig:
         skip = {"out_dir", "limit", "batch_size", "shard", "device", "dtype", "concurrency", "timeout_s", "api_key_env"}
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         d["fusion_model"] = self.fusion_model or self.model
+        used = SDFT_TEMPLATES if self.mode == "sdft" else REFINE_TEMPLATES
         d["templates"] = {n: t.as_dict() for n, t in load_templates(self.templates).items()  # content, not path
-                          if n in REFINE_TEMPLATES}
+                          if n in used}
+        if self.mode == "sdft":
+            for k in RAFT_ONLY:
+                del d[k]
+        else:
+            del d["mode"]  # raft runs keep the folder names they had before modes existed
         return d
 
 
@@ -122,12 +148,13 @@ def refine_batch(
     batch: list[tuple[int, QAExample]],
     cfg: RefineConfig,
     original: Generator,
-    fusion: Generator,
+    fusion: Generator | None,
     judges: list[Generator],
-    sem_filter: SemanticFilter,
+    sem_filter: SemanticFilter | None,
     templates: dict,
 ) -> list[dict]:
-    """Provenance records for one batch; every generation is batched across the batch's samples."""
+    """Provenance records for one batch; every generation is batched across the batch's samples.
+    In sdft mode only ``original`` is used (the others may be None)."""
     seed = cfg.seed + int(stable_hash([ex.key for _, ex in batch], 8), 16) % 2**31
     tokens = Counter()
     secs = Counter()
@@ -139,10 +166,12 @@ def refine_batch(
         tokens[phase] += sum(o.completion_tokens for o in outs)
         return outs
 
-    # --- self-conditioned rewrite a' ~ pi_0(. | x, a)
-    rw = templates["rewrite"]
+    # --- self-conditioned rewrite a' ~ pi_0(. | x, a); SDFT's distillation is this step with its own prompt
+    rw = templates["sdft" if cfg.mode == "sdft" else "rewrite"]
     rewrites = gen(original, [rw.render(question=ex.question, answer=ex.answer) for _, ex in batch],
                    cfg.rewrite_temperature, "rewrite", seed)
+    if cfg.mode == "sdft":
+        return _sdft_records(batch, rewrites, secs, tokens)
 
     # --- semantic filter
     t0 = time.perf_counter()
@@ -209,6 +238,32 @@ def refine_batch(
             "best_mean": best["mean"] if best else None, "chosen_round": best["round"] if best else None,
             "chosen_source": source, "chosen": chosen,
             # batch phases split evenly over the batch's samples
+            "timings_s": {k: round(v / n, 4) for k, v in secs.items()},
+            "generated_tokens": {k: round(v / n, 1) for k, v in tokens.items()},
+        })
+    return records
+
+
+def _sdft_records(batch, rewrites, secs: Counter, tokens: Counter) -> list[dict]:
+    """SDFT's choice: the rewrite, or the original answer where the rewrite is empty, failed or leaks
+    the prompt. The records keep raft's fields (filter and fusion ones empty) so merge and summary
+    read both modes alike."""
+    n = len(batch)
+    records = []
+    for (index, ex), rw in zip(batch, rewrites):
+        leak = leaks_prompt(rw.text)
+        if not rw.text.strip():
+            source, chosen = "original_no_rewrite", ex.answer  # empty, or its request failed (no text)
+        elif leak is not None:
+            source, chosen = "original_leak", ex.answer
+        else:
+            source, chosen = "sdft_rewrite", rw.text
+        records.append({
+            "key": ex.key, "index": index, "question": ex.question, "answer": ex.answer,
+            "rewrite": rw.text, "rewrite_finish_reason": rw.finish_reason,
+            "similarity": None, "accepted": source == "sdft_rewrite", "candidates": [], "rounds_used": 0,
+            "early_stop": False, "best_mean": None, "chosen_round": None,
+            "chosen_source": source, "chosen": chosen, "leak": leak if source == "original_leak" else None,
             "timings_s": {k: round(v / n, 4) for k, v in secs.items()},
             "generated_tokens": {k: round(v / n, 1) for k, v in tokens.items()},
         })
@@ -282,12 +337,14 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
 
     from raftune.models import load_encoder
 
-    opts = dict(batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, api_key_env=cfg.api_key_env,
-                concurrency=cfg.concurrency, timeout_s=cfg.timeout_s)
+    opts = {"batch_size": cfg.batch_size, "device": cfg.device, "dtype": cfg.dtype, "api_key_env": cfg.api_key_env,
+            "concurrency": cfg.concurrency, "timeout_s": cfg.timeout_s}
     original = open_generator(cfg.model, **opts)
-    fusion = open_generator(cfg.fusion_model or cfg.model, **opts)
-    judges = [open_generator(j, **opts) for j in cfg.judges]
-    sem_filter = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device))
+    fusion, judges, sem_filter = None, [], None
+    if cfg.mode == "raft":  # SDFT needs the original model only: the others would load for nothing
+        fusion = open_generator(cfg.fusion_model or cfg.model, **opts)
+        judges = [open_generator(j, **opts) for j in cfg.judges]
+        sem_filter = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device))
     templates = load_templates(cfg.templates)
 
     columns = [TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
@@ -347,9 +404,11 @@ def merge(run: str | Path) -> dict:
     summary = summarize(records)
     summary["duplicate_records_ignored"] = duplicates
     summary["run_dir"] = str(run)
-    atomic_write_json(run / "summary.json", summary)
     cfg = json.loads((run / "config.json").read_text())
-    plot_summary(records, summary, cfg["tau"], run)
+    summary["mode"] = cfg.get("mode", "raft")  # run folders from before modes are raft runs
+    atomic_write_json(run / "summary.json", summary)
+    if summary["mode"] == "raft":  # the plots show the filter and the judges, which SDFT does not have
+        plot_summary(records, summary, cfg["tau"], run)
     return summary
 
 
@@ -367,7 +426,7 @@ def summarize(records: list[dict]) -> dict:
         "similarity": {
             "mean": round(sum(sims) / len(sims), 4) if sims else None,
             "histogram": {"edges": edges, "counts": _histogram(sims, edges)},
-            "no_rewrite": n - len(sims),
+            "no_rewrite": sum(r["chosen_source"] == "original_no_rewrite" for r in records),
         },
         "judge_scores": {
             "verdicts": len(verdict_scores), "unreadable": len(verdict_scores) - len(readable),
@@ -418,7 +477,7 @@ def plot_summary(records: list[dict], summary: dict, tau: float, run: Path) -> N
     axes[0].set_title(f"Judge scores ({summary['judge_scores']['unreadable']} unreadable)")
     rounds = summary["rounds_used"]
     axes[1].bar([int(k) for k in rounds], list(rounds.values()), color="#8172b2")
-    axes[1].set_xticks(range(0, max(int(k) for k in rounds) + 1))
+    axes[1].set_xticks(range(max((int(k) for k in rounds), default=0) + 1))
     axes[1].set_xlabel("fusion rounds used (0: filtered out)")
     axes[1].set_ylabel("samples")
     fig.tight_layout()

@@ -1,7 +1,7 @@
 """Prompt templates as data: named, editable, validated.
 
-Stage 1 uses ``rewrite``, ``fuse`` and ``judge``; evaluation uses ``domain_judge`` (D-Acc),
-``general_judge`` (1-10 scores) and ``pairwise_judge`` (tuned vs base). The paper's prompts are not
+Stage 1 uses ``rewrite``, ``fuse`` and ``judge`` (``sdft`` in its SDFT mode); evaluation uses
+``domain_judge`` (D-Acc), ``general_judge`` (1-10 scores) and ``pairwise_judge`` (tuned vs base). The paper's prompts are not
 in its text; the ones below are ours. Print
 them with ``raftune templates``, edit the YAML it writes, and pass it back with ``--templates``:
 a file may override any subset of the names. A template has a ``user`` message, an optional ``system`` message and an optional
@@ -10,6 +10,7 @@ in a template are written ``{{`` and ``}}``. Values (questions, answers) are nev
 """
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class PromptTemplate:
 # Which placeholders each template must use (the stage fills exactly these).
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "rewrite": {"question", "answer"},
+    "sdft": {"question", "answer"},
     "fuse": {"question", "answer", "rewrite"},
     "judge": {"question", "answer", "candidate"},
     "domain_judge": {"question", "answer", "candidate"},
@@ -54,6 +56,7 @@ REQUIRED_FIELDS: dict[str, set[str]] = {
     "pairwise_judge": {"question", "answer_a", "answer_b"},
 }
 REFINE_TEMPLATES = ("rewrite", "fuse", "judge")
+SDFT_TEMPLATES = ("sdft",)  # stage 1 in SDFT mode
 EVAL_TEMPLATES = ("domain_judge", "general_judge", "pairwise_judge")
 
 DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
@@ -66,6 +69,17 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
             "Here is a reference answer:\n{answer}\n\n"
             "Now answer the question above in your own words. Keep every fact of the reference "
             "answer and add nothing that contradicts it. Reply with the answer only."
+        ),
+    ),
+    # SDFT's distillation prompt (Yang et al., ACL 2024), in our words: the model answers the question
+    # itself, guided by the dataset's answer. Its key instruction is the paper's.
+    "sdft": PromptTemplate(
+        name="sdft",
+        user=(
+            "{question}\n\n"
+            "Reference answer:\n{answer}\n\n"
+            "Using the reference answer as a guide, write your own response to the question above. "
+            "Write it as a direct answer: do not mention the reference answer or these instructions."
         ),
     ),
     # Fusion (Appendix C): merge the original answer and the rewrite into one answer.
@@ -135,6 +149,23 @@ DEFAULT_TEMPLATES: dict[str, PromptTemplate] = {
         reply_prefix="Winner:",
     ),
 }
+
+
+# Phrases of SDFT's prompt (ours and the paper's Alpaca-style one) that a rewrite must not echo: a
+# reply that names the reference or the prompt's markers talks about the prompt, not the question.
+LEAK_PHRASES = ("reference answer", "your response", "now it's your turn", "now it is your turn",
+                "the reference", "as a guide", "### instruction", "### response")
+# Whole words only: "the referenced file" of a real answer is no leak.
+_LEAK_RE = re.compile("|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in LEAK_PHRASES), re.IGNORECASE)
+
+
+def leaks_prompt(text: str) -> str | None:
+    """The leak phrase found first in ``text`` (case-insensitive, returned lower-cased), "(empty)" for a
+    blank text, else None."""
+    if not text.strip():
+        return "(empty)"
+    m = _LEAK_RE.search(text.replace("\u2019", "'"))  # a typographic apostrophe still spells "it's"
+    return m.group(0).lower() if m else None
 
 
 class TemplateError(ValueError):
