@@ -78,3 +78,47 @@ def test_run_refuses_bad_settings_of_every_stage_before_refine_starts(tmp_path):
         assert result.exit_code == 2 and f"{path}:{line}: setting {key}:" in "".join(result.output.split("\n")), out
         assert text in out, out
         assert not runs.exists()  # nothing was started
+
+
+def test_the_gpu_comparison_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
+    """configs/medquad-gpu.yaml unchanged but for --set flags that shrink it: every baseline, post-hoc
+    transform and ablation trains (or is made) and is evaluated, and the comparison has a row for each."""
+    from pathlib import Path
+
+    from conftest import shared_data
+
+    shared_data("medquad", "qa.jsonl.gz")
+    shared_data("alpaca_tiny", "alpaca_tiny.json")
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the config's data paths are relative to the checkout, as in the README
+    config = yaml.safe_load((repo / "configs" / "medquad-gpu.yaml").read_text())
+    tiny = str(tiny_model_dir)
+    shrink = {
+        "refine.model": tiny, "refine.judges": f"[{tiny}]", "refine.limit": 6, "refine.batch_size": 3,
+        "refine.max_new_tokens": 4, "refine.judge_max_new_tokens": 4, "refine.rounds": 1, "refine.tau": -1.0,
+        "refine.device": "cpu", "refine.out_dir": str(tmp_path / "runs"),
+        "train.max_steps": 1, "train.batch_size": 3, "train.rollout_max_new_tokens": 4, "train.top_k": 8,
+        "train.max_len": 96, "train.max_reference_tokens": 32, "train.eval_limit": 2, "train.device": "cpu",
+        "eval.judges": f"[{tiny}]", "eval.domain_limit": 2, "eval.ifeval_limit": 2, "eval.mmlu_subjects": "[anatomy]",
+        "eval.mmlu_limit_per_subject": 2, "eval.general_limit": 1, "eval.max_new_tokens": 4,
+        "eval.judge_max_new_tokens": 4, "eval.judge_retries": 0, "eval.batch_size": 4, "eval.device": "cpu",
+    }
+    args = ["run", "--config", "configs/medquad-gpu.yaml"] + [a for k, v in shrink.items() for a in ("--set", f"{k}={v}")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(next((tmp_path / "runs").glob("refine-*/pipeline.json")).read_text())
+    labels = [m if isinstance(m, str) else m["name"] for m in config["methods"]]
+    assert list(summary["methods"]) == labels and len(labels) == 17
+    table = json.loads((Path(summary["comparison"]["dir"]) / "comparison.json").read_text())
+    assert list(table["rows"]) == ["base", *labels]
+    runs = {m: json.loads((Path(r["run_dir"]) / "config.json").read_text()) for m, r in summary["methods"].items()
+            if "posthoc" not in r}
+    assert runs["sft"]["answer_field"] == "original_answer" and runs["raft"]["answer_field"] == "answer"
+    assert runs["sdft"]["data"].startswith(summary["sdft_dir"]) and runs["sdft"]["answer_field"] == "answer"
+    assert runs["sft-then-distill"]["model"] == summary["methods"]["sft"]["model"]
+    assert runs["sft-then-distill"]["teacher_model"] == tiny
+    assert runs["raft"]["resolved"]["teacher_context"] == "chat"
+    assert runs["raft-appendix-h"]["resolved"]["teacher_context"] == "appendix_h"
+    assert summary["methods"]["fapm"]["posthoc"] == "fapm" and summary["methods"]["wise-0.5"]["from"] == "sft"
+    for m in labels:
+        assert table["rows"][m]["weight dist."] is not None

@@ -11,9 +11,19 @@ evaluated on the same suites (the domain suite on ``heldout.jsonl``), and ``raft
 them side by side. Refine, train and eval resume from their files, so running the same command
 again after an interruption continues where it stopped.
 
-A method entry is a method name, or a variant for ablations: a mapping with ``name``, ``method`` and
-any TrainConfig fields for that run alone, e.g.
-``{name: raft-chat, method: raft, teacher_context: chat}``.
+Method entries, in the order they run:
+
+- a method name (``raft``, ``sft``, ``onpolicy``, ``distill``, ``talr``, ``l2sp``, ``replay``), or
+  ``sdft``: SFT on stage 1's SDFT rewrites (refine with ``mode: sdft``, run once for all entries);
+- a variant for ablations: a mapping with ``name``, ``method`` and any TrainConfig fields for that
+  run alone, e.g. ``{name: raft-fixed-0.1, method: raft, kl_lambda: 0.1}``; ``init_from: LABEL``
+  starts it from an earlier entry's model, with the original model as ``teacher_model`` unless set
+  (``{name: sft-then-distill, method: distill, init_from: sft}``: the two-phase on-policy recipe);
+- a post-hoc transform of an earlier entry's model: ``{name: fapm, posthoc: fapm, from: sft, keep: 0.1}``
+  or ``{name: wise-0.5, posthoc: wise, from: sft, alpha: 0.5}``.
+
+RAFT trains on the fused answers; every other method on the original answers (set ``answer_field:
+answer`` for the "fused data + SFT" ablation).
 """
 from __future__ import annotations
 
@@ -30,7 +40,20 @@ from raftune.train import METHODS, TrainConfig, train
 
 log = logging.getLogger("raftune.pipeline")
 
-ANSWER_FIELD = {"sft": "original_answer"}  # SFT learns the original answers; RAFT and the rest the fused ones
+FUSED_METHODS = {"raft"}  # train on the fused answers; every baseline on the original ones
+POSTHOC = {"fapm": "keep", "wise": "alpha"}  # post-hoc transform -> its one setting
+ENTRY_KEYS = {"name", "init_from", "dataset"}  # keys of a train entry that are the pipeline's, not TrainConfig's
+
+
+def normalize_entry(entry) -> dict:
+    """A method entry as a mapping: ``name`` and either ``method`` (+ settings) or ``posthoc``."""
+    if entry == "sdft":
+        return {"name": "sdft", "method": "sft", "dataset": "sdft"}
+    if isinstance(entry, str):
+        return {"name": entry, "method": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not ("method" in entry or "posthoc" in entry):
+        raise ValueError(f"methods: {entry!r} is neither a method name nor a mapping with name and method (or posthoc)")
+    return dict(entry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +67,33 @@ class RunConfig:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown := set(self.train) - fields:
             raise ValueError(f"train: unknown setting(s) {sorted(unknown)}")
-        labels = []
-        for m in self.methods:
-            if isinstance(m, str):
-                m = {"name": m, "method": m}
-            if not isinstance(m, dict) or not isinstance(m.get("name"), str) or "method" not in m:
-                raise ValueError(f"methods: {m!r} is neither a method name nor a mapping with name and method")
-            if m["method"] not in METHODS:
-                raise ValueError(f"methods: unknown method {m['method']!r}; known: {sorted(METHODS)}")
-            if unknown := set(m) - {"name"} - fields:
-                raise ValueError(f"methods: {m['name']}: unknown setting(s) {sorted(unknown)}")
-            labels.append(m["name"])
+        labels, trained = [], set()
+        for m in map(normalize_entry, self.methods):
+            name = m["name"]
+            if "posthoc" in m:
+                kind = m["posthoc"]
+                if kind not in POSTHOC:
+                    raise ValueError(f"methods: {name}: unknown post-hoc transform {kind!r}; known: {sorted(POSTHOC)}")
+                if unknown := set(m) - {"name", "posthoc", "from", POSTHOC[kind]}:
+                    raise ValueError(f"methods: {name}: unknown setting(s) {sorted(unknown)}")
+                if m.get("from") not in trained:
+                    raise ValueError(f"methods: {name}: 'from' must name a trained entry listed before it, got {m.get('from')!r}")
+                value = m.get(POSTHOC[kind], 0.1 if kind == "fapm" else 0.5)
+                if not isinstance(value, (int, float)) or not (0 < value <= 1 if kind == "fapm" else 0 <= value <= 1):
+                    raise ValueError(f"methods: {name}: {POSTHOC[kind]} must be a number in "
+                                     f"{'(0, 1]' if kind == 'fapm' else '[0, 1]'}, got {value!r}")
+            else:
+                if m["method"] not in METHODS:
+                    raise ValueError(f"methods: unknown method {m['method']!r}; known: {sorted(METHODS)} and sdft")
+                if unknown := set(m) - ENTRY_KEYS - fields:
+                    raise ValueError(f"methods: {name}: unknown setting(s) {sorted(unknown)}")
+                if "init_from" in m and m["init_from"] not in trained:
+                    raise ValueError(f"methods: {name}: init_from must name a trained entry listed before it, "
+                                     f"got {m['init_from']!r}")
+                if m.get("dataset", "fused") not in ("fused", "sdft"):
+                    raise ValueError(f"methods: {name}: dataset must be fused or sdft, got {m['dataset']!r}")
+                trained.add(name)
+            labels.append(name)
         if len(set(labels)) != len(labels) or "base" in labels:
             raise ValueError(f"methods: names must be unique and not 'base', got {labels}")
         if self.eval is not None:
@@ -63,21 +102,32 @@ class RunConfig:
                 raise ValueError(f"eval: unknown setting(s) {sorted(unknown)}")
         # every stage's values are checked now, not after refine has run for an hour
         placeholder = Path(self.refine.out_dir) / "refine-(to be made)"
-        for label, tcfg in self.train_configs(placeholder):
-            self.eval_config(placeholder, label, tcfg.model)
+        models = {}
+        for entry in map(normalize_entry, self.methods):
+            if "posthoc" not in entry:
+                tcfg = self.train_config(entry, placeholder, placeholder, models)
+                models[entry["name"]] = str(placeholder / entry["name"])
+                self.eval_config(placeholder, entry["name"], tcfg.model)
 
-    def train_configs(self, refine_dir: Path) -> list[tuple[str, TrainConfig]]:
-        """(label, TrainConfig) of every method, training on ``refine_dir``'s output."""
-        out = []
-        for entry in self.methods:
-            variant = {"name": entry, "method": entry} if isinstance(entry, str) else dict(entry)
-            label, method = variant.pop("name"), variant["method"]
-            out.append((label, TrainConfig(**{"out_dir": str(refine_dir.parent), "model": self.refine.model, **self.train,
-                                               "data": str(refine_dir / "fused.jsonl"),
-                                               "answer_field": ANSWER_FIELD.get(method, "answer"),
-                                               "reference_field": "answer",
-                                               "eval_data": str(refine_dir / "heldout.jsonl"), **variant})))
-        return out
+    @property
+    def needs_sdft(self) -> bool:
+        return any(normalize_entry(e).get("dataset") == "sdft" for e in self.methods)
+
+    def train_config(self, entry: dict, refine_dir: Path, sdft_dir: Path | None, models: dict[str, str]) -> TrainConfig:
+        """The TrainConfig of a train entry: on ``refine_dir``'s fused data (or ``sdft_dir``'s rewrites),
+        from the original model or, with ``init_from``, from an earlier entry's model (``models``)."""
+        variant = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+        data_dir = sdft_dir if entry.get("dataset") == "sdft" else refine_dir
+        start = {}
+        if "init_from" in entry:  # the original model stays the teacher
+            start = {"model": models[entry["init_from"]], "teacher_model": self.refine.model}
+        return TrainConfig(**{"out_dir": str(refine_dir.parent), "model": self.refine.model, **self.train,
+                              "data": str(data_dir / "fused.jsonl"),
+                              # SDFT's rewrites, RAFT's fused answers, the original answers for the rest
+                              "answer_field": "answer" if entry.get("dataset") == "sdft" or variant["method"] in FUSED_METHODS
+                              else "original_answer",
+                              "reference_field": "answer",
+                              "eval_data": str(refine_dir / "heldout.jsonl"), **start, **variant})
 
     def eval_config(self, refine_dir: Path, label: str, model: str, base_results: str | None = None) -> EvalConfig | None:
         """The evaluation of ``model`` (labelled ``label``) on the suites of the eval section; None without one."""
@@ -98,17 +148,42 @@ class RunConfig:
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     refine_dir = refine(cfg.refine, progress=progress)
-    results = {"refine_dir": str(refine_dir), "methods": {}}
-    for label, tcfg in cfg.train_configs(refine_dir):
-        run = train(tcfg, progress=progress)
-        evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_domain_loss" in r]
-        results["methods"][label] = {"run_dir": str(run), "model": str(run / "model"),
-                                      "base_domain_loss": evals[0]["eval_domain_loss"] if evals else None,
-                                      "domain_loss": evals[-1]["eval_domain_loss"] if evals else None}
+    sdft_dir = refine(dataclasses.replace(cfg.refine, mode="sdft"), progress=progress) if cfg.needs_sdft else None
+    results = {"refine_dir": str(refine_dir), "sdft_dir": str(sdft_dir) if sdft_dir else None, "methods": {}}
+    models: dict[str, str] = {}
+    for entry in map(normalize_entry, cfg.methods):
+        label = entry["name"]
+        if "posthoc" in entry:
+            results["methods"][label] = _posthoc(cfg, entry, refine_dir, models[entry["from"]])
+        else:
+            run = train(cfg.train_config(entry, refine_dir, sdft_dir, models), progress=progress)
+            evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_domain_loss" in r]
+            results["methods"][label] = {"run_dir": str(run), "model": str(run / "model"),
+                                          "base_domain_loss": evals[0]["eval_domain_loss"] if evals else None,
+                                          "domain_loss": evals[-1]["eval_domain_loss"] if evals else None}
+        models[label] = results["methods"][label]["model"]
     if cfg.eval is not None:
         results["comparison"] = _evaluate_all(cfg, refine_dir, results, progress)
     atomic_write_json(refine_dir / "pipeline.json", results)
     return results
+
+
+def _posthoc(cfg: RunConfig, entry: dict, refine_dir: Path, tuned: str) -> dict:
+    """FAPM or WiSE-FT of an earlier entry's model, into its own folder beside the runs (made once:
+    a rerun finds it done)."""
+    from raftune import posthoc
+
+    kind, setting = entry["posthoc"], POSTHOC[entry["posthoc"]]
+    value = entry.get(setting, 0.1 if kind == "fapm" else 0.5)
+    out = refine_dir.parent / f"{kind}-{refine_dir.name.removeprefix('refine-')}-{entry['name']}"
+    model = out if kind == "fapm" else out / f"wise-{value:g}"  # wise writes one folder per alpha
+    if not (model / "raftune.json").exists():
+        if kind == "fapm":
+            posthoc.fapm(cfg.refine.model, tuned, str(out), keep=value)
+        else:
+            posthoc.wise(cfg.refine.model, tuned, str(out), alphas=[value])
+    return {"run_dir": str(model), "model": str(model), "posthoc": kind, "from": entry["from"], setting: value,
+            "base_domain_loss": None, "domain_loss": None}
 
 
 def _evaluate_all(cfg: RunConfig, refine_dir: Path, results: dict, progress: bool) -> dict:
