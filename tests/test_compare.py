@@ -1,8 +1,9 @@
 import json
+import re
 
 import pytest
 
-from raftune.compare import build_table, compare, to_markdown
+from raftune.compare import CompareError, build_table, compare, to_markdown
 
 
 def results(d_acc, ifeval, mmlu, general, kl=None):
@@ -40,9 +41,9 @@ def test_compare_writes_files_and_plots(tmp_path):
     out = compare(folders, None, tmp_path / "cmp")
     assert (tmp_path / "cmp" / "comparison.md").read_text() == out["markdown"]
     assert {p.split("/")[-1] for p in out["plots"]} == {"retention.png", "tradeoff.png"}
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(CompareError, match="labels"):
         compare(folders, ["a"], tmp_path / "cmp")
-    with pytest.raises(FileNotFoundError, match="results.json"):
+    with pytest.raises(CompareError, match="no results.json"):
         compare([tmp_path], None, tmp_path / "cmp")
 
 
@@ -56,7 +57,7 @@ def test_compare_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| raft | 12.0 (+1.0 vs SFT)" in result.output and "Retention vs base" in result.output
     bad = CliRunner().invoke(app, ["compare", str(tmp_path / "nothing")])
-    assert bad.exit_code == 2 and "no results.json" in bad.output
+    assert bad.exit_code == 2 and "nothing: not found" in bad.output
 
 
 def test_without_general_metrics_there_is_no_retention(tmp_path):
@@ -109,3 +110,207 @@ def test_each_run_has_one_colour_in_every_plot(tmp_path, monkeypatch):
         for label, c in panel.items():
             assert colours.setdefault(label, c) == c, (label, drawn)
     assert len(set(colours.values())) == 3
+
+
+
+# --- inputs compare refuses, and the one it tables with a warning ----------------------------------------------
+
+GOOD = {"suites": results(0.1, 0.4, 0.25, 6), "config": {"suites": ["domain", "ifeval", "mmlu", "general"]}}
+
+
+def with_suites(**suites):
+    return json.dumps({"suites": {**GOOD["suites"], **suites}, "config": {}})
+
+
+BAD_FILES = {  # test id: (results.json content, what the error says after the file name)
+    "not-utf8": (b"\xff\xfe{\x00}\x00", "not UTF-8 text (byte 0"),
+    "empty": ("", "empty file"),
+    "truncated": ('{"suites": {"domain": {"d_acc": 0.5}', "invalid JSON at line 1, column 37: Expecting ',' delimiter"),
+    "bad-syntax-line-2": ('{\n  "suites": {,\n}', "invalid JSON at line 2, column 14: Expecting property name"),
+    "deep-nesting": ("[" * 100_000, "nested too deeply"),
+    "a-list": ("[1, 2]", "expected a JSON object (an eval results.json), got a list"),
+    "a-string": ('"results"', 'expected a JSON object (an eval results.json), got "results"'),
+    # raftune compare's own output: a JSON object, but no eval result
+    "comparison-json": (json.dumps({"columns": [], "rows": {}, "retention": {}}),
+                        "not a raftune evaluation result: no 'suites' or 'config' key"),
+    "no-config": (json.dumps({"suites": GOOD["suites"]}), "not a raftune evaluation result: no 'config' key"),
+    "suites-a-list": (json.dumps({"suites": [], "config": {}}), "suites: expected an object, got a list"),
+    "config-a-string": (json.dumps({"suites": GOOD["suites"], "config": "eval.yaml"}),
+                        'config: expected an object, got "eval.yaml"'),
+    "complete-a-string": (json.dumps({**GOOD, "complete": "no"}), 'complete: expected true or false, got "no"'),
+    "no-suites": (json.dumps({"suites": {}, "config": {}}),
+                  "suites: none of the suites compare tables (domain, ifeval, mmlu, general, drift, weights)"),
+    "unknown-suite-only": (json.dumps({"suites": {"humaneval": {"pass@1": 0.3}}, "config": {}}), "found: humaneval"),
+    "suite-a-number": (with_suites(domain=0.5), "suites.domain: expected an object, got 0.5"),
+    "metric-a-string": (with_suites(domain={"d_acc": "high"}), 'suites.domain.d_acc: expected a number, got "high"'),
+    "metric-a-bool": (with_suites(mmlu={"accuracy": True}), "suites.mmlu.accuracy: expected a number, got true"),
+    "metric-a-list": (with_suites(general={"mean_score": [7, 8]}),
+                      "suites.general.mean_score: expected a number, got a list"),
+    "metric-an-object": (with_suites(drift={"kl_base_to_tuned": {"mean": 0.1}}),
+                         "suites.drift.kl_base_to_tuned: expected a number, got an object"),
+    "long-value-cut": (with_suites(domain={"d_acc": "x" * 60}), 'got "' + "x" * 36 + "..."),
+    "config-suites-a-string": (json.dumps({**GOOD, "config": {"suites": "domain,mmlu"}}),
+                               'config.suites: expected a list of suite names, got "domain,mmlu"'),
+    "config-model-a-number": (json.dumps({**GOOD, "config": {"model": 3}}), "config.model: expected a string, got 3"),
+}
+
+
+@pytest.mark.parametrize("content, fragment", BAD_FILES.values(), ids=BAD_FILES)
+def test_a_bad_results_file_is_refused_naming_it(tmp_path, content, fragment):
+    base = write(tmp_path, "base", GOOD["suites"])
+    bad = tmp_path / "eval-sft" / "results.json"
+    bad.parent.mkdir()
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CompareError) as e:
+        compare([base, bad.parent], None, tmp_path / "cmp")
+    assert str(e.value).startswith(f"{bad}: ") and fragment in str(e.value), str(e.value)
+    assert not (tmp_path / "cmp").exists()  # checked before anything is built or written
+
+
+def _missing(tmp_path, monkeypatch):
+    return tmp_path / "eval-gone", "not found (expected an eval run folder or its results.json)"
+
+
+def _empty_folder(tmp_path, monkeypatch):
+    (tmp_path / "eval-empty").mkdir()
+    return tmp_path / "eval-empty", "no results.json in this folder"
+
+
+def _results_json_is_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "eval-odd" / "results.json").mkdir(parents=True)
+    return tmp_path / "eval-odd", "no results.json in this folder"
+
+
+def _unreadable(tmp_path, monkeypatch):
+    path = write(tmp_path, "locked", GOOD["suites"]) / "results.json"
+    read_bytes = type(path).read_bytes
+
+    def refuse(self):  # chmod 000 is no obstacle when the tests run as root
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(type(path), "read_bytes", refuse)
+    return path, "results.json: cannot be read (Permission denied)"
+
+
+@pytest.mark.parametrize("setup", [_missing, _empty_folder, _results_json_is_a_folder, _unreadable])
+def test_a_missing_or_unreadable_input_is_refused_naming_it(tmp_path, monkeypatch, setup):
+    base = write(tmp_path, "base", GOOD["suites"])
+    arg, fragment = setup(tmp_path, monkeypatch)
+    with pytest.raises(CompareError) as e:
+        compare([base, arg], None, tmp_path / "cmp")
+    assert str(e.value).startswith(str(arg)) and fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("args, labels, fragment", [
+    ([], None, "no runs to compare"),
+    (["eval-base", "eval-sft"], ["base"], "1 labels for 2 runs: pass one --label per run"),
+    (["eval-base", "eval-sft"], ["x", "x"], "labels must differ: 'x' names both {tmp}/eval-base and {tmp}/eval-sft"),
+    (["eval-base", "other/eval-base"], None,
+     "labels must differ: 'base' names both {tmp}/eval-base and {tmp}/other/eval-base"),
+    (["eval-base", "eval-base/results.json"], None,  # the same run twice
+     "labels must differ: 'base' names both {tmp}/eval-base and {tmp}/eval-base/results.json"),
+    (["eval-base", "eval-sft"], ["base", " "], "{tmp}/eval-sft: empty label"),
+])
+def test_labels_and_run_counts_are_checked(tmp_path, args, labels, fragment):
+    for name in ("eval-base", "eval-sft", "other/eval-base"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps(GOOD))
+    with pytest.raises(CompareError, match="^" + re.escape(fragment.format(tmp=tmp_path))):
+        compare([tmp_path / a for a in args], labels, tmp_path / "cmp")
+
+
+def test_out_must_be_a_folder(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(CompareError, match="taken: not a folder, so --out"):
+        compare([write(tmp_path, "base", GOOD["suites"])], None, tmp_path / "taken" / "cmp")
+
+
+def test_a_results_json_path_is_labelled_by_its_run_folder(tmp_path):
+    folders = [write(tmp_path, n, results(0.1 + i / 100, 0.4, 0.25, 6)) for i, n in enumerate(["base", "sft"])]
+    out = compare([f / "results.json" for f in folders], None, tmp_path / "cmp")
+    assert list(out["rows"]) == ["base", "sft"] and "| sft | 11.0 |" in out["markdown"]
+
+
+def test_an_eval_results_json_gives_the_table_of_its_suites(tmp_path):
+    """Every key raftune eval writes passes the checks, and the table is the one of the bare suites."""
+    suites = {"base": results(0.1, 0.4, 0.25, 6), "sft": results(0.128, 0.3, 0.24, 4.5, kl=0.4),
+              "raft": results(0.172, 0.38, 0.25, 5.7, kl=0.1)}
+    folders = []
+    for name, r in suites.items():
+        folder = write(tmp_path, name, r)
+        (folder / "results.json").write_text(json.dumps({
+            "suites": r, "config": {"model": "default", "suites": list(r)}, "settings": {}, "run_dir": str(folder),
+            "complete": True, "retention": {"ifeval.prompt_strict": {"score": 0.3, "base": 0.4, "retention": 0.75}}}))
+        folders.append(folder)
+    out = compare(folders, None, tmp_path / "cmp")
+    assert out["markdown"] == to_markdown(build_table(suites)) and "(incomplete)" not in out["markdown"]
+    assert out["incomplete"] == {}
+
+
+def test_an_incomplete_evaluation_is_tabled_with_a_warning_and_a_marker(tmp_path, caplog):
+    r = results(0.128, 0.3, 0.24, 4.5)
+    folders = [write(tmp_path, "base", results(0.1, 0.4, 0.25, 6)), write(tmp_path, "sft", r),
+               write(tmp_path, "raft", results(0.172, 0.38, 0.25, 5.7))]
+    stopped = folders[1] / "results.json"  # stopped after two of its four suites
+    stopped.write_text(json.dumps({"suites": {k: r[k] for k in ("domain", "ifeval")}, "complete": False,
+                                   "config": {"suites": ["domain", "ifeval", "mmlu", "general"]}}))
+    with caplog.at_level("WARNING", logger="raftune.compare"):
+        out = compare(folders, None, tmp_path / "cmp")
+    [warning] = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert warning.startswith(f"{stopped}: incomplete evaluation") and "missing suite(s) mmlu, general" in warning
+    assert out["incomplete"] == {"sft": ["mmlu", "general"]}
+    md = out["markdown"]
+    assert "| sft (incomplete) | 12.8 |" in md and "| raft | 17.2 (+4.4 vs SFT)" in md  # still the SFT reference
+    assert "(incomplete) `sft`: its evaluation had not finished" in md and "missing suite(s): mmlu, general" in md
+    assert "| sft (incomplete) | 75.0% |" in md.split("Retention")[1]
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["incomplete"] == {"sft": ["mmlu", "general"]}
+
+
+def test_an_unreadable_training_log_costs_its_curves_not_the_table(tmp_path, caplog):
+    model = tmp_path / "train-raft" / "model"
+    model.mkdir(parents=True)
+    (model.parent / "metrics.jsonl").write_text('{"lr": 1e-4, "step": 1, "ce": 2.0}\nnot json\n')
+    folder = write(tmp_path, "raft", results(0.15, 0.39, 0.26, 5.8))
+    (folder / "results.json").write_text(json.dumps({"suites": results(0.15, 0.39, 0.26, 5.8),
+                                                     "config": {"model": str(model)}}))
+    with caplog.at_level("WARNING", logger="raftune.compare"):
+        out = compare([folder], None, tmp_path / "cmp")
+    assert "| raft | 15.0 |" in out["markdown"] and not any(p.endswith("training_curves.png") for p in out["plots"])
+    assert any(f"{model.parent / 'metrics.jsonl'}: no training curves" in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "invalid JSON at line 1, column 2"),
+    (with_suites(domain={"d_acc": "high"}), 'suites.domain.d_acc: expected a number, got "high"'),
+    (json.dumps([GOOD]), "expected a JSON object"),
+    (None, "eval-sft: no results.json in this folder"),
+])
+def test_compare_command_names_a_bad_file_in_one_line(tmp_path, content, fragment):
+    from typer.testing import CliRunner
+
+    from raftune.cli import app
+
+    base = write(tmp_path, "base", GOOD["suites"])
+    bad = tmp_path / "eval-sft"
+    bad.mkdir()
+    if content is not None:
+        (bad / "results.json").write_text(content)
+    result = CliRunner().invoke(app, ["compare", str(base), str(bad), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith(f"error: {bad}") and fragment in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cmp").exists()
+
+
+def test_compare_command_marks_an_incomplete_evaluation(tmp_path):
+    from typer.testing import CliRunner
+
+    from raftune.cli import app
+
+    folders = [write(tmp_path, n, results(0.1, 0.4, 0.25, 6)) for n in ("base", "sft")]
+    (folders[1] / "results.json").write_text(json.dumps({**GOOD, "complete": False}))
+    result = CliRunner().invoke(app, ["compare", *map(str, folders), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert "incomplete evaluation" in " ".join(result.output.split())  # the log handler wraps its lines
+    assert "| sft (incomplete) |" in result.output
