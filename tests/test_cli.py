@@ -32,10 +32,10 @@ def test_yaml_config_with_unknown_setting(tmp_path):
     cfg = tmp_path / "refine.yaml"
     cfg.write_text("data: demo\ntua: 0.5\n")
     result = runner.invoke(app, ["refine", "--config", str(cfg)])
-    assert result.exit_code == 2 and unboxed(f"{cfg}:2: setting tua: unknown setting(s)") in unboxed(result.output)
+    assert result.exit_code == 2 and unboxed(f"{cfg}:2: setting tua: unknown setting (did you mean tau?)") in unboxed(result.output)
     cfg.write_text("data: demo\ntau: 3\n")  # a bad value is located too
     result = runner.invoke(app, ["refine", "--config", str(cfg)])
-    assert result.exit_code == 2 and unboxed(f"{cfg}:2: setting tau: tau must be in") in unboxed(result.output)
+    assert result.exit_code == 2 and unboxed(f"{cfg}:2: setting tau: must be <= 1.0, got 3") in unboxed(result.output)
 
 
 def unboxed(text: str) -> str:
@@ -44,7 +44,7 @@ def unboxed(text: str) -> str:
 
 
 def test_invalid_values_are_refused(tmp_path):
-    for args, text in [(["--tau", "3"], "tau must be in"), (["--shard", "4/4"], "shard must be I/N"),
+    for args, text in [(["--tau", "3"], "setting tau: must be <= 1.0, got 3.0"), (["--shard", "4/4"], "shard must be I/N"),
                        (["--shard", "x"], "must look like I/N")]:
         result = runner.invoke(app, ["refine", "--data", "demo", *args])
         assert result.exit_code == 2 and text in " ".join(result.output.split()), result.output

@@ -66,9 +66,9 @@ def test_run_refuses_bad_settings_of_every_stage_before_refine_starts(tmp_path):
     path = tmp_path / "run.yaml"
     runs = tmp_path / "runs"
     for body, line, key, text in [
-        ("train:\n  max_steps: 2\n  batch_size: 0\n", 6, "train.batch_size", "batch_size and grad_accum must be >= 1"),
+        ("train:\n  max_steps: 2\n  batch_size: 0\n", 6, "train.batch_size", "must be >= 1, got 0"),
         ("methods:\n  - sft\n  - {name: x, method: raft, kl_direction: sideways}\n", 6, "methods.1.kl_direction",
-         "kl_direction must be forward or reverse"),
+         "input should be 'forward' or 'reverse'"),
         ("eval:\n  suites: [domain, nonsense]\n", 5, "eval.suites", "nonsense"),
         ("train:\n  gradient_checkpointin: true\n", 5, "train.gradient_checkpointin", "unknown setting(s)"),
     ]:

@@ -274,7 +274,7 @@ def test_sdft_template_override_is_used_and_changes_the_folder(tmp_path, fake_or
 
 
 def test_mode_is_validated():
-    with pytest.raises(ValueError, match="mode must be one of raft, sdft, got 'dpo'"):
+    with pytest.raises(ValueError, match="setting mode: input should be 'raft' or 'sdft', got str 'dpo'"):
         RefineConfig(data="demo", mode="dpo")
 
 
@@ -317,3 +317,104 @@ def test_judges_can_be_local_and_remote_together(tmp_path, tiny_model_dir, llama
         remote = c["verdicts"][1]
         assert remote["reply"] and not remote["reply"].startswith("<error")  # the server answered
     assert KEY not in "".join(p.read_text() for p in run.iterdir() if p.suffix in (".json", ".jsonl"))
+
+
+# --- failed server calls: never a result, retried by the next run ----------------------------------
+
+
+def _refine_reply(prompt: str) -> str:
+    """The fake server as the original, fusion and judge model: a readable score, except for "vague_" samples."""
+    name = re.search(r"\w*function_\d+", prompt).group(0)
+    if "Rate it from 1" in prompt:  # the judge template
+        return "I cannot tell." if name.startswith("vague_") else "Score: 9"
+    if "Write one answer" in prompt:  # the fuse template
+        return f"Merged: {name} returns the prime number of the list."
+    return f"In other words, {name} returns the prime number of the list."
+
+
+@pytest.mark.parametrize("failure", ["5xx", "html", "no-choices", "null-content"])
+def test_failed_server_calls_are_not_recorded_and_a_rerun_retries_exactly_them(tmp_path, fake_chat_server, failure):
+    """Fusion calls of flaky_fuse_ samples and judge calls of flaky_judge_ samples fail after their
+    retries: those samples get no record, the others do, and the run raises. Once the server is fixed,
+    the same config asks only for the failed samples and completes. A vague_ sample's unreadable judge
+    replies are no failure: it is recorded as original_unjudged both times."""
+    server = fake_chat_server
+    server.reply, server.failure = _refine_reply, failure
+    server.fail = lambda p: ("flaky_fuse_" in p and "Write one answer" in p) or ("flaky_judge_" in p and "Rate it from 1" in p)
+    names = [["", "flaky_fuse_", "flaky_judge_", "vague_"][i % 4] + f"function_{i}" for i in range(8)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What does {n} do?", "answer": f"{n} returns the prime number."})
+                            + "\n" for n in names))
+    cfg = tiny_cfg(tmp_path, server.spec, data, fusion_model=server.spec, judges=(server.spec,), test_fraction=0.0)
+
+    with pytest.raises(raftune.refine.GenerationFailed, match=r"4 of 8 samples failed.*Run the same command again") as e:
+        refine(cfg, progress=False)
+    run = e.value.run_dir
+    errors = {f["key"]: f["errors"] for f in e.value.failed}
+    name_of = dict(zip(json.loads((run / "targets.json").read_text()), names))
+    assert sorted(name_of[k] for k in errors) == ["flaky_fuse_function_1", "flaky_fuse_function_5",
+                                                  "flaky_judge_function_2", "flaky_judge_function_6"]
+    why = {"5xx": "answered HTTP 503: overloaded", "html": "no chat completion (the body is not JSON): <html>",
+           "no-choices": "no chat completion (no choices)", "null-content": "content is not a string"}[failure]
+    for k, errs in errors.items():
+        phase = "fusion round 1: POST" if name_of[k].startswith("flaky_fuse_") else f"round 1 judge {server.spec}: POST"
+        assert len(errs) == 1 and errs[0].startswith(phase) and why in errs[0], errs
+    failed_calls = [p for p in server.requests if server.fail(p)]
+    assert len(failed_calls) == 2 * 4 and len(set(failed_calls)) == 4  # each retried once, then given up
+    records = read_jsonl_log(run / "records.jsonl")
+    assert sorted(r["question"].split()[2] for r in records) == sorted(n for n in names if not n.startswith("flaky"))
+    assert {r["chosen_source"] for r in records if "vague_" in r["question"]} == {"original_unjudged"}
+    assert not (run / "fused.jsonl").exists() and not (run / "summary.json").exists()
+
+    server.fail = lambda p: False  # fixed
+    server.requests.clear()
+    assert refine(cfg, progress=False) == run
+    asked = [re.search(r"\w*function_\d+", p).group(0) for p in server.requests]
+    # rewrite, fusion (scored 9 at once: no second round) and judge of each failed sample, nothing else
+    assert sorted(asked) == sorted(n for n in names if n.startswith("flaky") for _ in range(3))
+    fused = read_rows(run / "fused.jsonl")
+    assert [r["source"] for r in fused] == ["original_unjudged" if n.startswith("vague_") else "fused" for n in names]
+    assert all("Merged:" in r["answer"] for r in fused if r["source"] == "fused")
+    prov = read_rows(run / "provenance.jsonl")
+    assert all(v["error"] is None for r in prov for c in r["candidates"] for v in c["verdicts"])
+
+
+def test_a_failed_rewrite_in_sdft_mode_is_not_recorded(tmp_path, fake_chat_server):
+    server = fake_chat_server
+    server.reply = lambda p: "It returns a prime number."
+    server.fail = lambda p: "function_1 " in p or "function_2 " in p
+    data = write_qa(tmp_path / "qa.jsonl", 4)
+    cfg = tiny_cfg(tmp_path, server.spec, data, mode="sdft", test_fraction=0.0)
+    with pytest.raises(raftune.refine.GenerationFailed, match="2 of 4 samples failed") as e:
+        refine(cfg, progress=False)
+    assert all(f["errors"][0].startswith("rewrite: POST") for f in e.value.failed)
+    assert [r["question"] for r in read_jsonl_log(e.value.run_dir / "records.jsonl")] == \
+        ["What does function_0 do?", "What does function_3 do?"]
+    server.fail = lambda p: False
+    server.requests.clear()
+    run = refine(cfg, progress=False)
+    assert len(server.requests) == 2
+    assert [r["source"] for r in read_rows(run / "fused.jsonl")] == ["sdft_rewrite"] * 4
+
+
+def test_judge_errors_fail_the_sample_with_local_original_and_fusion(tmp_path, tiny_model_dir, fake_chat_server):
+    """The tiny local model rewrites and fuses; the judge is the server, down for the first run: every
+    sample that reached the judge fails (the others are recorded for what they are), and the rerun asks
+    the judge only for those."""
+    server = fake_chat_server
+    server.reply = lambda p: "Score: 9"
+    server.fail = lambda p: True
+    data = write_qa(tmp_path / "qa.jsonl", 8)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, data, judges=(server.spec,), test_fraction=0.0, rounds=1)
+    with pytest.raises(raftune.refine.GenerationFailed) as e:
+        refine(cfg, progress=False)
+    failed = {f["key"] for f in e.value.failed}
+    judged_questions = {re.search(r"function_\d+", p).group(0) for p in server.requests}
+    records = read_jsonl_log(e.value.run_dir / "records.jsonl")
+    assert failed and len(failed) == len(judged_questions) and not failed & {r["key"] for r in records}
+    assert not any(c["verdicts"] for r in records for c in r["candidates"])  # recorded: never reached the judge
+    server.fail = lambda p: False
+    server.requests.clear()
+    run = refine(cfg, progress=False)
+    assert {re.search(r"function_\d+", p).group(0) for p in server.requests} == judged_questions
+    assert len(read_rows(run / "fused.jsonl")) == 8

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import typer
 import yaml
@@ -82,32 +82,42 @@ def _key_lines(path: Path) -> dict[str, int]:
     return lines
 
 
-def config_error(path: Optional[Path], error: Exception) -> str:
-    """A settings error located in its YAML file: 'FILE:LINE: setting KEY: message', where KEY is the
-    most nested key of the file that the message names (a value given by a flag has no line)."""
-    message = str(error)
-    if path is None:
-        return message
-    words = set(re.findall(r"[A-Za-z_][\w-]*", message.split("; known:")[0]))  # not the list of valid names
-    lines = _key_lines(path)
-    named = [k for k in lines if k.rsplit(".", 1)[-1] in words]
-    if not named:
-        return f"{path}: {message}"
-    key = max(named, key=lambda k: k.count("."))
-    return f"{path}:{lines[key]}: setting {key}: {message}"
+def config_error(path: Optional[Path], error: Exception, flags: Iterable[str] = ()) -> str:
+    """Settings errors located where their values came from: 'FILE:LINE: setting KEY: message' for a
+    value of the YAML file, 'setting KEY (given by a flag): message' for one given on the command
+    line. A check across settings names no key: it is placed at the most nested key of the file
+    that its message names."""
+    problems = getattr(error, "problems", None) or [(None, str(error))]
+    lines = _key_lines(path) if path is not None else {}
+    flags = set(flags)
+    out = []
+    for key, message in problems:
+        if key is None:
+            words = set(re.findall(r"[A-Za-z_][\w-]*", message.split("; known:")[0]))  # not the list of valid names
+            named = [k for k in lines if k.rsplit(".", 1)[-1] in words and k not in flags]
+            key = max(named, key=lambda k: k.count(".")) if named else None
+            if key is None:
+                out.append(f"{path}: {message}" if path is not None else message)
+                continue
+        if key in lines and key not in flags:
+            out.append(f"{path}:{lines[key]}: setting {key}: {message}")
+        else:
+            out.append(f"setting {key}{' (given by a flag)' if path is not None else ''}: {message}")
+    return "\n".join(out)
 
 
 def build_config(cls, yaml_path: Optional[Path], **flags):
-    """``cls`` from the YAML file's values, overridden by the flags that were given (not None)."""
+    """``cls`` from the YAML file's values, overridden by the flags that were given (not None); every
+    setting is type-checked (``raftune.settings``) before anything runs."""
+    from raftune.settings import build
+
     values = _load_yaml(yaml_path)
-    known = {f.name for f in dataclasses.fields(cls)}
-    if unknown := set(values) - known:
-        raise typer.BadParameter(config_error(yaml_path, ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")))
-    values.update({k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    values.update(given)
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise typer.BadParameter(config_error(yaml_path, e)) from None
+        return build(cls, values)
+    except ValueError as e:
+        raise typer.BadParameter(config_error(yaml_path, e, given)) from None
 
 
 @app.command()
@@ -213,6 +223,15 @@ def _overrides(items: Optional[list[str]]) -> dict:
     return out
 
 
+def _dotted(tree: dict, prefix: str = ""):
+    """The dotted keys of the leaves of a nested mapping: {'train': {'lr': 1}} -> 'train.lr'."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _dotted(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
 def _deep_update(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         base[k] = _deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
@@ -277,15 +296,19 @@ def run(
 
     _setup_logging(verbose)
     try:
-        raw = _deep_update(_load_yaml(config), _overrides(set_))
+        overrides = _overrides(set_)
+        raw = _deep_update(_load_yaml(config), overrides)
+        flagged = set(_dotted(overrides))
         if data is not None or limit is not None:
             raw["refine"] = {**(raw.get("refine") or {}), **({"data": data} if data else {}), **({"limit": limit} if limit else {})}
+            flagged |= {k for k, v in (("refine.data", data), ("refine.limit", limit)) if v is not None}
         if method:
             raw["methods"] = list(method)
+            flagged |= {"methods"} | {f"methods.{i}" for i in range(len(method))}
         try:
             cfg = RunConfig.from_dict(raw)
         except (TypeError, ValueError) as e:
-            raise ValueError(config_error(config, e)) from None
+            raise ValueError(config_error(config, e, flagged)) from None
         result = run_pipeline(cfg)
     except (*_stage_errors(), TypeError) as e:
         fail(e)

@@ -31,6 +31,13 @@ A stopped evaluation resumes: every completion (the model's answers, the judges'
 to ``completions.jsonl`` as each batch finishes and served from it when the same run asks again, and
 ``results.json`` is rewritten after every suite (``"complete": false`` until the last), so a rerun
 skips the suites already done.
+
+A failed generation (the model's answer or a judge call failing after the backend's retries: a server
+answering 5xx, or 200 with no chat completion) is a failure, never an answer: it is not logged, not
+judged, not scored. A suite with failed samples is not scored at all (after asking everything else,
+so that it is logged); the run goes on with the other suites, then writes results.json with
+``"complete": false`` and the failed suites and samples under ``failed``, and raises
+``GenerationFailed``. The same command run again asks exactly the failed generations again.
 """
 from __future__ import annotations
 
@@ -40,20 +47,25 @@ import logging
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from raftune.files import atomic_write_json, atomic_write_jsonl, stable_hash
 from raftune.generation import (
     CachedGenerator,
     CompletionLog,
+    GenerationFailed,
     Generator,
     Messages,
     SamplingParams,
     is_remote_spec,
     open_generator,
 )
-from raftune.judging import score_with_judges
+from raftune.judging import judge_errors, score_with_judges
+from raftune.settings import CommaList, Device, Dtype, NonNegative, Positive, settings
 from raftune.templates import EVAL_TEMPLATES, load_templates
 
 log = logging.getLogger("raftune.evaluate")
@@ -205,48 +217,42 @@ def retention(results: dict, base_results: dict) -> dict:
 
 # --- config ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@settings
 class EvalConfig:
     model: str = field(metadata={"help": "the model to evaluate: 'default', folder, .gguf, hub id or server"})
     base_model: str = field(default="default", metadata={"help": "the model before tuning (drift, weights)"})
-    suites: tuple[str, ...] = field(default=("domain",), metadata={"help": f"any of {', '.join(SUITES)}"})
+    suites: CommaList = field(default=("domain",), metadata={"help": f"any of {', '.join(SUITES)}"})
     out_dir: str = "runs"
     name: str | None = field(default=None, metadata={"help": "run folder eval-<name> [eval-<hash>]"})
     base_results: str | None = field(default=None, metadata={"help": "the base model's results.json, for retention"})
     domain_data: str | None = field(default=None, metadata={"help": "held-out QA data (a refine run's heldout.jsonl)"})
-    domain_limit: int | None = None
-    judges: tuple[str, ...] = field(default=("default",), metadata={"help": "judge backends (domain, general)"})
-    judge_retries: int = 2
-    judge_max_new_tokens: int = 24
+    domain_limit: Positive | None = None
+    judges: Annotated[CommaList, Field(min_length=1)] = field(default=("default",), metadata={"help": "judge backends (domain, general)"})
+    judge_retries: NonNegative = 2
+    judge_max_new_tokens: Positive = 24
     encoder: str = field(default="default", metadata={"help": "sentence encoder of the domain cosine"})
     ifeval_data: str | None = None
-    ifeval_limit: int | None = None
+    ifeval_limit: Positive | None = None
     mmlu_folder: str | None = None
-    mmlu_subjects: tuple[str, ...] | None = field(default=None, metadata={"help": "None: all subjects"})
-    mmlu_limit_per_subject: int | None = None
-    mmlu_shots: int = 0
-    mmlu_form: str = "cloze"
+    mmlu_subjects: CommaList | None = field(default=None, metadata={"help": "None: all subjects"})
+    mmlu_limit_per_subject: Positive | None = None
+    mmlu_shots: NonNegative = 0
+    mmlu_form: Literal["letter", "cloze"] = "cloze"
     general_data: str | None = field(default=None, metadata={"help": "general prompts (MT-Bench question.jsonl, ...)"})
-    general_limit: int | None = None
-    general_mode: str = field(default="score", metadata={"help": "score (1-10 per answer) or pairwise (vs base_model's answer)"})
-    general_aggregate: str = field(default="mean", metadata={"help": "combining the judges per prompt: mean or majority"})
+    general_limit: Positive | None = None
+    general_mode: Literal["score", "pairwise"] = field(default="score", metadata={"help": "score (1-10 per answer) or pairwise (vs base_model's answer)"})
+    general_aggregate: Literal["mean", "majority"] = field(default="mean", metadata={"help": "combining the judges per prompt: mean or majority"})
     templates: str | None = field(default=None, metadata={"help": "YAML file overriding the judge templates"})
-    max_new_tokens: int = 256
+    max_new_tokens: Positive = 256
     seed: int = 0
     # Execution settings: they change how fast, not what (left out of the run hash).
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str | None = None
+    batch_size: Positive = 16
+    device: Device = None
+    dtype: Dtype = None
 
     def __post_init__(self):
-        suites = (self.suites.split(",") if isinstance(self.suites, str) else list(self.suites))
-        suites = tuple(dict.fromkeys(s.strip() for s in suites if s.strip()))
+        suites = tuple(dict.fromkeys(self.suites))
         object.__setattr__(self, "suites", suites)
-        object.__setattr__(self, "judges", tuple(self.judges))
-        if isinstance(self.mmlu_subjects, str):
-            object.__setattr__(self, "mmlu_subjects", tuple(s.strip() for s in self.mmlu_subjects.split(",") if s.strip()))
-        elif self.mmlu_subjects is not None:
-            object.__setattr__(self, "mmlu_subjects", tuple(self.mmlu_subjects))
         needs = {"domain": "domain_data", "ifeval": "ifeval_data", "mmlu": "mmlu_folder", "general": "general_data",
                  "drift": "general_data"}
         load_templates(self.templates)  # a bad template file fails here, before any generation
@@ -257,20 +263,7 @@ class EvalConfig:
             (not (unknown := [s for s in suites if s not in SUITES]),
              f"suites: unknown suite(s) {unknown}; known: {', '.join(SUITES)}"),
             (not remote, f"suite(s) {remote} read the model's logits or weights: pass a local model, not a server"),
-            (len(self.judges) >= 1, "at least one judge is needed"),
-            (self.mmlu_form in ("letter", "cloze"), f"mmlu_form must be letter or cloze, got {self.mmlu_form!r}"),
-            (self.general_mode in ("score", "pairwise"), f"general_mode must be score or pairwise, got {self.general_mode!r}"),
-            (self.general_aggregate in ("mean", "majority"),
-             f"general_aggregate must be mean or majority, got {self.general_aggregate!r}"),
-            (self.mmlu_shots >= 0, f"mmlu_shots must be >= 0, got {self.mmlu_shots}"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.judge_max_new_tokens >= 1, f"judge_max_new_tokens must be >= 1, got {self.judge_max_new_tokens}"),
-            (self.judge_retries >= 0, f"judge_retries must be >= 0, got {self.judge_retries}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
         ]
-        for name in ("domain_limit", "ifeval_limit", "mmlu_limit_per_subject", "general_limit"):
-            value = getattr(self, name)
-            checks.append((value is None or value >= 1, f"{name} must be >= 1, got {value}"))
         for suite in suites:
             if suite in needs:
                 checks.append((getattr(self, needs[suite]) is not None,
@@ -321,6 +314,41 @@ def _user(text: str, system: str | None = None) -> Messages:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
 
 
+# --- failed generations ---------------------------------------------------------------------------------
+
+class _SuiteFailed(Exception):
+    """Generations of a suite failed after the backend's retries: the suite is neither scored nor recorded.
+    ``failed``: ``{"sample", "errors"}`` per failed sample (``sample``: its key, or its index)."""
+
+    def __init__(self, failed: list[dict]):
+        super().__init__(f"{len(failed)} samples failed")
+        self.failed = failed
+
+
+def _failed_generations(completions, what: str, errors: dict[int, list[str]] | None = None) -> dict[int, list[str]]:
+    """``errors`` (a new dict if None) plus ``index: ["what: error"]`` for every completion that failed."""
+    errors = {} if errors is None else errors
+    for i, c in enumerate(completions):
+        if c.error is not None:
+            errors.setdefault(i, []).append(f"{what}: {c.error}")
+    return errors
+
+
+def _add_judge_errors(errors: dict[int, list[str]], indices: Sequence[int], verdicts) -> None:
+    """Add the failed judge calls (not the unreadable replies: those are verdicts) of ``verdicts[k]``,
+    which judged sample ``indices[k]``."""
+    for i, vs in zip(indices, verdicts):
+        if errs := judge_errors(vs):
+            errors.setdefault(i, []).extend(errs)
+
+
+def _raise_if_failed(errors: dict[int, list[str]], ids: Sequence) -> None:
+    """Raise ``_SuiteFailed`` when any sample failed. Called once a suite has asked everything it can
+    for the others, so that their completions are logged and a rerun asks only the failed ones."""
+    if errors:
+        raise _SuiteFailed([{"sample": ids[i], "errors": errs} for i, errs in sorted(errors.items())])
+
+
 # --- suites ----------------------------------------------------------------------------------------------
 
 def eval_domain(cfg: EvalConfig, model: Generator, judges: list[Generator], progress: bool) -> tuple[dict, list[dict]]:
@@ -330,11 +358,16 @@ def eval_domain(cfg: EvalConfig, model: Generator, judges: list[Generator], prog
     from raftune.similarity import SemanticFilter
 
     examples, _ = load_qa(cfg.domain_data, limit=cfg.domain_limit)
-    answers = [c.text for c in _chat(model, [_user(ex.question, ex.system) for ex in examples], _greedy(cfg),
-                                     "domain answers", progress)]
-    prompts = [template.render(question=ex.question, answer=ex.answer, candidate=a) for ex, a in zip(examples, answers)]
+    outs = _chat(model, [_user(ex.question, ex.system) for ex in examples], _greedy(cfg), "domain answers", progress)
+    errors = _failed_generations(outs, "answer")
+    answers = [c.text for c in outs]
+    ok = [i for i in range(len(examples)) if i not in errors]  # a failed answer is no answer: not judged
+    prompts = [template.render(question=examples[i].question, answer=examples[i].answer, candidate=answers[i])
+               for i in ok]
     verdicts = score_with_judges(judges, prompts, max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries,
                                  seed=cfg.seed, parse=_verdict_score)
+    _add_judge_errors(errors, ok, verdicts)
+    _raise_if_failed(errors, [ex.key for ex in examples])  # past here every sample is answered and judged
     cosines = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device)).similarities(
         [ex.answer for ex in examples], answers)
     rows = []
@@ -362,7 +395,9 @@ def eval_ifeval(cfg: EvalConfig, model: Generator, progress: bool) -> tuple[dict
     from raftune.ifeval import load_ifeval, score
 
     prompts = load_ifeval(cfg.ifeval_data)[: cfg.ifeval_limit]
-    responses = [c.text for c in _chat(model, [_user(p.prompt) for p in prompts], _greedy(cfg), "ifeval", progress)]
+    outs = _chat(model, [_user(p.prompt) for p in prompts], _greedy(cfg), "ifeval", progress)
+    _raise_if_failed(_failed_generations(outs, "response"), [p.key for p in prompts])
+    responses = [c.text for c in outs]
     result = score(prompts, responses)
     rows = [{**r, "prompt": p.prompt, "response": resp, "instruction_ids": p.instruction_ids}
             for p, resp, r in zip(prompts, responses, result.pop("per_prompt"))]
@@ -386,13 +421,19 @@ def eval_general(cfg: EvalConfig, model: Generator, judges: list[Generator], bas
     from raftune.forgetting import load_general_prompts
 
     prompts = load_general_prompts(cfg.general_data, limit=cfg.general_limit)
-    answers = [c.text for c in _chat(model, [_user(p) for p in prompts], _greedy(cfg), "general answers", progress)]
+    outs = _chat(model, [_user(p) for p in prompts], _greedy(cfg), "general answers", progress)
+    errors = _failed_generations(outs, "answer")  # failed answers are neither judged nor scored
+    answers = [c.text for c in outs]
+    ids = list(range(len(prompts)))
     judging = dict(max_new_tokens=cfg.judge_max_new_tokens, retries=cfg.judge_retries, seed=cfg.seed)
     summary = {"mode": cfg.general_mode, "aggregate": cfg.general_aggregate, "judges": [j.name for j in judges]}
     if cfg.general_mode == "score":
         template = load_templates(cfg.templates)["general_judge"]
-        verdicts = score_with_judges(judges, [template.render(question=p, answer=a) for p, a in zip(prompts, answers)],
+        ok = [i for i in ids if i not in errors]
+        verdicts = score_with_judges(judges, [template.render(question=prompts[i], answer=answers[i]) for i in ok],
                                      **judging)
+        _add_judge_errors(errors, ok, verdicts)
+        _raise_if_failed(errors, ids)
         rows = [{"prompt": p, "answer": a, "score": aggregate([v.score for v in vs], cfg.general_aggregate),
                  "verdicts": [{"judge": v.judge, "score": v.score, "reply": v.reply, "attempts": v.attempts} for v in vs]}
                 for p, a, vs in zip(prompts, answers, verdicts)]
@@ -403,11 +444,15 @@ def eval_general(cfg: EvalConfig, model: Generator, judges: list[Generator], bas
 
     # pairwise: against the base model's answer, each judge asked with the tuned answer first, then second
     template = load_templates(cfg.templates)["pairwise_judge"]
-    base_answers = [c.text for c in _chat(base, [_user(p) for p in prompts], _greedy(cfg), "base answers", progress)]
-    asked = [i for i, (a, b) in enumerate(zip(answers, base_answers)) if a != b]  # identical answers tie
+    base_outs = _chat(base, [_user(p) for p in prompts], _greedy(cfg), "base answers", progress)
+    _failed_generations(base_outs, "base answer", errors)
+    base_answers = [c.text for c in base_outs]
+    asked = [i for i, (a, b) in enumerate(zip(answers, base_answers)) if a != b and i not in errors]  # identical ones tie
     convs = [template.render(question=prompts[i], answer_a=answers[i], answer_b=base_answers[i]) for i in asked] + \
             [template.render(question=prompts[i], answer_a=base_answers[i], answer_b=answers[i]) for i in asked]
     verdicts = score_with_judges(judges, convs, **judging, parse=_winner_score)
+    _add_judge_errors(errors, asked + asked, verdicts)
+    _raise_if_failed(errors, ids)
     rows = []
     for i, (p, a, b) in enumerate(zip(prompts, answers, base_answers)):
         row = {"prompt": p, "answer": a, "base_answer": b}
@@ -433,7 +478,9 @@ def eval_drift(cfg: EvalConfig, model: Generator, base: Generator, progress: boo
 
     prompts = load_general_prompts(cfg.general_data, limit=cfg.general_limit)
     # the base model's greedy answers, as the general suite asks for them: made once, logged, shared
-    answers = [c.text for c in _chat(base, [_user(p) for p in prompts], _greedy(cfg), "base answers", progress)]
+    outs = _chat(base, [_user(p) for p in prompts], _greedy(cfg), "base answers", progress)
+    _raise_if_failed(_failed_generations(outs, "base answer"), list(range(len(prompts))))
+    answers = [c.text for c in outs]
     result = drift(base.model, model.model, base.tokenizer, prompts, answers, batch_size=max(1, cfg.batch_size // 2))
     rows = [{"prompt": p, "base_answer": a, **r} for p, a, r in zip(prompts, answers, result.pop("per_prompt"))]
     return result, rows
@@ -452,7 +499,10 @@ def eval_weights(model: Generator, base: Generator, run: Path) -> tuple[dict, li
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
     """Run ``cfg.suites`` and write the run folder; returns its path. Resumes a stopped run of the same
-    settings: suites in its results.json are kept, and logged completions are not asked again."""
+    settings: suites in its results.json are kept, and logged completions are not asked again.
+
+    Raises ``GenerationFailed`` after the last suite when generations of some suites failed; those suites
+    are listed under ``failed`` in results.json (``"complete": false``) and computed again by a rerun."""
     base_results = None
     if cfg.base_results is not None:  # read first: a bad path fails before hours of generation
         try:
@@ -481,29 +531,49 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
     judges = [opened(j) for j in cfg.judges] if {"domain", "general"} & set(todo) else []
     base = opened(cfg.base_model) if needs_base & set(todo) else None
 
+    failed: dict[str, dict] = {}  # suite -> the samples whose generations failed, with why
+
     def write_results(complete: bool) -> None:
         results = {"suites": summaries, "config": dataclasses.asdict(cfg), "settings": cfg.output_settings(),
                    "run_dir": str(run), "complete": complete}
+        if failed:
+            results["failed"] = failed
         if base_results is not None:
             results["retention"] = retention(summaries, base_results)
         atomic_write_json(run / "results.json", results)
 
     for suite in todo:
-        if suite == "domain":
-            summary, rows = eval_domain(cfg, model, judges, progress)
-        elif suite == "ifeval":
-            summary, rows = eval_ifeval(cfg, model, progress)
-        elif suite == "mmlu":
-            summary, rows = eval_mmlu(cfg, model, progress)
-        elif suite == "general":
-            summary, rows = eval_general(cfg, model, judges, base, progress)
-        elif suite == "drift":
-            summary, rows = eval_drift(cfg, model, base, progress)
-        else:
-            summary, rows = eval_weights(model, base, run)
+        try:
+            if suite == "domain":
+                summary, rows = eval_domain(cfg, model, judges, progress)
+            elif suite == "ifeval":
+                summary, rows = eval_ifeval(cfg, model, progress)
+            elif suite == "mmlu":
+                summary, rows = eval_mmlu(cfg, model, progress)
+            elif suite == "general":
+                summary, rows = eval_general(cfg, model, judges, base, progress)
+            elif suite == "drift":
+                summary, rows = eval_drift(cfg, model, base, progress)
+            else:
+                summary, rows = eval_weights(model, base, run)
+        except _SuiteFailed as e:  # not scored on what it has; the other suites still run
+            failed[suite] = {"n_failed": len(e.failed), "samples": e.failed}
+            log.error("suite %s: %d samples failed and are not scored (first: %s: %s)", suite, len(e.failed),
+                      e.failed[0]["sample"], e.failed[0]["errors"][0])
+            write_results(complete=False)
+            continue
         atomic_write_jsonl(run / f"{suite}.jsonl", rows)
         summaries[suite] = summary
         write_results(complete=False)
+    if failed:
+        n = sum(f["n_failed"] for f in failed.values())
+        first = " ".join(next(iter(failed.values()))["samples"][0]["errors"][0].split())  # one line
+        where = ", ".join(f"{s} ({f['n_failed']})" for s, f in failed.items())
+        raise GenerationFailed(
+            f"eval: {n} samples of suite(s) {where} failed, "
+            f"a generation failing after its retries (first: {first}); those suites are not scored, the others are "
+            f"in {run / 'results.json'} (complete: false). Run the same command again to retry exactly the failed "
+            f"generations.", run, failed)
     summaries = {s: summaries[s] for s in cfg.suites}  # the configured order
     write_results(complete=True)
     return run

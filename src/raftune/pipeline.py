@@ -36,6 +36,7 @@ from raftune.compare import compare
 from raftune.evaluate import EvalConfig, evaluate
 from raftune.files import atomic_write_json
 from raftune.refine import RefineConfig, refine
+from raftune.settings import SettingsError, build
 from raftune.train import METHODS, TrainConfig, train
 
 log = logging.getLogger("raftune.pipeline")
@@ -103,9 +104,9 @@ class RunConfig:
         # every stage's values are checked now, not after refine has run for an hour
         placeholder = Path(self.refine.out_dir) / "refine-(to be made)"
         models = {}
-        for entry in map(normalize_entry, self.methods):
+        for i, entry in enumerate(map(normalize_entry, self.methods)):
             if "posthoc" not in entry:
-                tcfg = self.train_config(entry, placeholder, placeholder, models)
+                tcfg = self.train_config(entry, placeholder, placeholder, models, index=i)
                 models[entry["name"]] = str(placeholder / entry["name"])
                 self.eval_config(placeholder, entry["name"], tcfg.model)
 
@@ -113,7 +114,8 @@ class RunConfig:
     def needs_sdft(self) -> bool:
         return any(normalize_entry(e).get("dataset") == "sdft" for e in self.methods)
 
-    def train_config(self, entry: dict, refine_dir: Path, sdft_dir: Path | None, models: dict[str, str]) -> TrainConfig:
+    def train_config(self, entry: dict, refine_dir: Path, sdft_dir: Path | None, models: dict[str, str],
+                     index: int | None = None) -> TrainConfig:
         """The TrainConfig of a train entry: on ``refine_dir``'s fused data (or ``sdft_dir``'s rewrites),
         from the original model or, with ``init_from``, from an earlier entry's model (``models``)."""
         variant = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
@@ -121,29 +123,38 @@ class RunConfig:
         start = {}
         if "init_from" in entry:  # the original model stays the teacher
             start = {"model": models[entry["init_from"]], "teacher_model": self.refine.model}
-        return TrainConfig(**{"out_dir": str(refine_dir.parent), "model": self.refine.model, **self.train,
+        # a bad value is named where it came from: the method's own entry, or the train section
+        where = {k: f"methods.{index}.{k}" if index is not None and k in variant else f"train.{k}" for k in
+                 [f.name for f in dataclasses.fields(TrainConfig)] + list(variant) + list(self.train)}
+        return build(TrainConfig, {"out_dir": str(refine_dir.parent), "model": self.refine.model, **self.train,
                               "data": str(data_dir / "fused.jsonl"),
                               # SDFT's rewrites, RAFT's fused answers, the original answers for the rest
                               "answer_field": "answer" if entry.get("dataset") == "sdft" or variant["method"] in FUSED_METHODS
                               else "original_answer",
                               "reference_field": "answer",
-                              "eval_data": str(refine_dir / "heldout.jsonl"), **start, **variant})
+                              "eval_data": str(refine_dir / "heldout.jsonl"), **start, **variant}, keys_of=where)
 
     def eval_config(self, refine_dir: Path, label: str, model: str, base_results: str | None = None) -> EvalConfig | None:
         """The evaluation of ``model`` (labelled ``label``) on the suites of the eval section; None without one."""
         if self.eval is None:
             return None
-        return EvalConfig(model=model, name=f"{refine_dir.name.removeprefix('refine-')}-{label}", base_results=base_results,
-                          out_dir=str(refine_dir.parent), base_model=self.refine.model,
-                          domain_data=str(refine_dir / "heldout.jsonl"), **self.eval)
+        return build(EvalConfig, dict(model=model, name=f"{refine_dir.name.removeprefix('refine-')}-{label}",
+                                      base_results=base_results, out_dir=str(refine_dir.parent), base_model=self.refine.model,
+                                      domain_data=str(refine_dir / "heldout.jsonl"), **self.eval), prefix="eval.")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         if unknown := set(d) - {"refine", "train", "methods", "eval"}:
             raise ValueError(f"unknown section(s) {sorted(unknown)}; use refine, train, methods, eval")
-        return cls(refine=RefineConfig(**(d.get("refine") or {})), train=dict(d.get("train") or {}),
-                   methods=tuple(d.get("methods") or ("raft",)),
-                   eval=dict(d["eval"] or {}) if "eval" in d else None)
+        for section in ("refine", "train", "eval"):
+            if d.get(section) is not None and not isinstance(d[section], dict):
+                raise SettingsError([(section, f"expected a mapping of settings, got {type(d[section]).__name__} {d[section]!r}")])
+        methods = d.get("methods") or ("raft",)
+        if not isinstance(methods, (list, tuple)):
+            raise SettingsError([("methods", f"expected a list of methods (e.g. [raft, sft]), got {type(methods).__name__} "
+                                             f"{methods!r}")])
+        return cls(refine=build(RefineConfig, dict(d.get("refine") or {}), prefix="refine."), train=dict(d.get("train") or {}),
+                   methods=tuple(methods), eval=dict(d["eval"] or {}) if "eval" in d else None)
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:

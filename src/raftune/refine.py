@@ -22,6 +22,13 @@ by batch and fsynced: the resume log); and once every target is done ``fused.jso
 ``summary.json`` and plots, written atomically. Killed at any point and run again with the same
 settings, it skips what the logs hold and redoes only the batch that was cut off.
 
+A failed generation is a failure, never an answer. A sample whose rewrite, fusion or judge call
+failed after the backend's retries (a server answering 5xx, or 200 with no chat completion) is not
+recorded and takes no further part; the run goes on with the other samples, then logs the failed
+ones and raises ``GenerationFailed`` (``fused.jsonl`` and the summary wait, as for any missing
+sample). The log holding only successful samples, the same command run again retries exactly the
+failed ones. A judge reply that is merely unreadable is no failure: it is recorded as unreadable.
+
 ``--shard I/N`` refines every N-th target starting at I into ``records.shard-I-of-N.jsonl``; the
 shards may run on different machines (each with its own GPU or server) and their logs are joined
 by ``raftune merge RUN_DIR``, which restores the original order and checks that none is missing.
@@ -34,8 +41,11 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from raftune.data import QAExample, examples_to_rows, load_qa, split_train_test
 from raftune.files import (
@@ -45,8 +55,23 @@ from raftune.files import (
     read_jsonl_log,
     stable_hash,
 )
-from raftune.generation import Generator, SamplingParams, open_generator
-from raftune.judging import mean_score, score_with_judges
+from raftune.generation import (
+    GenerationFailed,
+    Generator,
+    SamplingParams,
+    open_generator,
+)
+from raftune.judging import judge_errors, mean_score, score_with_judges
+from raftune.settings import (
+    CommaList,
+    Device,
+    Dtype,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    settings,
+)
 from raftune.similarity import DEFAULT_TAU, SemanticFilter, passes
 from raftune.templates import (
     REFINE_TEMPLATES,
@@ -57,65 +82,53 @@ from raftune.templates import (
 
 log = logging.getLogger("raftune.refine")
 
-MODES = ("raft", "sdft")
 # Settings SDFT never reads: left out of an sdft run's hash, so changing them reuses its folder.
 RAFT_ONLY = ("fusion_model", "judges", "encoder", "tau", "rounds", "gamma", "judge_retries",
              "judge_max_new_tokens", "fusion_temperature")
 
 
-@dataclass(frozen=True)
+@settings
 class RefineConfig:
     data: str = field(metadata={"help": "dataset: 'demo', a JSONL/JSON/CSV/Parquet file, a datasets folder or a hub id"})
-    mode: str = field(default="raft", metadata={"help": "raft (rewrite, filter, fuse, judge) or sdft (the SDFT baseline: "
+    mode: Literal["raft", "sdft"] = field(default="raft", metadata={"help": "raft (rewrite, filter, fuse, judge) or sdft (the SDFT baseline: "
                                                         "the original model's own rewrite, the original answer where it leaks the prompt)"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     model: str = field(default="default", metadata={"help": "the original model pi_0, which rewrites"})
     fusion_model: str | None = field(default=None, metadata={"help": "merges original and rewrite; default: the original model"})
-    judges: tuple[str, ...] = field(default=("default",), metadata={"help": "judge backends (model specs or http(s)://.../v1#model)"})
+    judges: Annotated[CommaList, Field(min_length=1)] = field(default=("default",), metadata={"help": "judge backends (model specs or http(s)://.../v1#model)"})
     encoder: str = field(default="default", metadata={"help": "sentence encoder of the semantic filter"})
     templates: str | None = field(default=None, metadata={"help": "YAML file overriding prompt templates"})
-    tau: float = field(default=DEFAULT_TAU, metadata={"help": "similarity threshold (inferred default 0.8)"})
-    rounds: int = field(default=3, metadata={"help": "fusion rounds R (inferred default 3)"})
-    gamma: float = field(default=8.0, metadata={"help": "early-stop average judge score (inferred default 8)"})
-    judge_retries: int = field(default=2, metadata={"help": "re-asks of a judge whose reply holds no score"})
-    max_new_tokens: int = 256
-    judge_max_new_tokens: int = 24
-    rewrite_temperature: float = 0.7
-    fusion_temperature: float = 0.7
-    top_p: float = 0.95
+    tau: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] = field(default=DEFAULT_TAU, metadata={"help": "similarity threshold (inferred default 0.8)"})
+    rounds: Positive = field(default=3, metadata={"help": "fusion rounds R (inferred default 3)"})
+    gamma: Annotated[float, Field(ge=1, le=10, allow_inf_nan=False)] = field(default=8.0, metadata={"help": "early-stop average judge score (inferred default 8)"})
+    judge_retries: NonNegative = field(default=2, metadata={"help": "re-asks of a judge whose reply holds no score"})
+    max_new_tokens: Positive = 256
+    judge_max_new_tokens: Positive = 24
+    rewrite_temperature: NonNegativeFloat = 0.7
+    fusion_temperature: NonNegativeFloat = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     seed: int = 0
-    test_fraction: float = field(default=0.1, metadata={"help": "held-out share, never refined"})
-    limit: int | None = field(default=None, metadata={"help": "refine only the first N training samples"})
+    test_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = field(default=0.1, metadata={"help": "held-out share, never refined"})
+    limit: Positive | None = field(default=None, metadata={"help": "refine only the first N training samples"})
     question_field: str = "question"
     answer_field: str = "answer"
     messages_field: str = "messages"
     # Execution settings: they change how fast, not what (left out of the run hash).
-    batch_size: int = 16
-    shard: tuple[int, int] = (0, 1)
-    device: str | None = None
-    dtype: str | None = None
-    concurrency: int = 8
-    timeout_s: float = 120.0
+    batch_size: Positive = 16
+    shard: tuple[NonNegative, Positive] = (0, 1)
+    device: Device = None
+    dtype: Dtype = None
+    concurrency: Positive = 8
+    timeout_s: PositiveFloat = 120.0
     api_key_env: str = "RAFTUNE_API_KEY"
 
     def __post_init__(self):
-        checks = [
-            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
-            (-1.0 <= self.tau <= 1.0, f"tau must be in [-1, 1], got {self.tau}"),
-            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
-            (1 <= self.gamma <= 10, f"gamma must be in [1, 10], got {self.gamma}"),
-            (self.judge_retries >= 0, f"judge_retries must be >= 0, got {self.judge_retries}"),
-            (len(self.judges) >= 1, "at least one judge is needed"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
-            (0 <= self.shard[0] < self.shard[1], f"shard must be I/N with 0 <= I < N, got {self.shard[0]}/{self.shard[1]}"),
-            (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}"),
+        checks = [  # across settings; each setting's own type and range are checked by the annotations
+            (self.shard[0] < self.shard[1], f"shard must be I/N with 0 <= I < N, got {self.shard[0]}/{self.shard[1]}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        object.__setattr__(self, "judges", tuple(self.judges))
-        object.__setattr__(self, "shard", tuple(self.shard))
 
     def output_settings(self) -> dict:
         """The settings that determine the refined output (what the run hash covers)."""
@@ -152,9 +165,14 @@ def refine_batch(
     judges: list[Generator],
     sem_filter: SemanticFilter | None,
     templates: dict,
-) -> list[dict]:
-    """Provenance records for one batch; every generation is batched across the batch's samples.
-    In sdft mode only ``original`` is used (the others may be None)."""
+) -> tuple[list[dict], list[dict]]:
+    """Provenance records for one batch, and the samples that failed; every generation is batched
+    across the batch's samples. In sdft mode only ``original`` is used (the others may be None).
+
+    A sample that needed a generation that failed after the backend's retries (its rewrite, a fusion,
+    a judge call: ``Completion.error``) gets no record, only an entry ``{key, index, errors}`` in the
+    failures, and takes no further part in the batch. A judge reply that is merely unreadable is no
+    failure: it is recorded as unreadable."""
     seed = cfg.seed + int(stable_hash([ex.key for _, ex in batch], 8), 16) % 2**31
     tokens = Counter()
     secs = Counter()
@@ -170,12 +188,13 @@ def refine_batch(
     rw = templates["sdft" if cfg.mode == "sdft" else "rewrite"]
     rewrites = gen(original, [rw.render(question=ex.question, answer=ex.answer) for _, ex in batch],
                    cfg.rewrite_temperature, "rewrite", seed)
+    errors: list[list[str]] = [[f"rewrite: {r.error}"] if r.error is not None else [] for r in rewrites]
     if cfg.mode == "sdft":
-        return _sdft_records(batch, rewrites, secs, tokens)
+        return _without_failed(batch, _sdft_records(batch, rewrites, secs, tokens), errors)
 
     # --- semantic filter
     t0 = time.perf_counter()
-    has_text = [i for i, r in enumerate(rewrites) if r.text]
+    has_text = [i for i, r in enumerate(rewrites) if r.text]  # a failed rewrite has none
     sims: list[float | None] = [None] * len(batch)
     for i, s in zip(has_text, sem_filter.similarities([batch[i][1].answer for i in has_text],
                                                       [rewrites[i].text for i in has_text])):
@@ -193,7 +212,10 @@ def refine_batch(
         fused = gen(fusion, [fu.render(question=batch[i][1].question, answer=batch[i][1].answer,
                                        rewrite=rewrites[i].text) for i in active],
                     cfg.fusion_temperature, "fusion", seed + 1000 * rnd)
-        judged = [(i, f.text) for i, f in zip(active, fused) if f.text]  # an empty fusion is not worth judging
+        for i, f in zip(active, fused):
+            if f.error is not None:
+                errors[i].append(f"fusion round {rnd}: {f.error}")
+        judged = [(i, f.text) for i, f in zip(active, fused) if f.text]  # an empty or failed fusion is not judged
         t0 = time.perf_counter()
         verdicts = score_with_judges(
             judges,
@@ -206,6 +228,9 @@ def refine_batch(
         still = []
         for i, f in zip(active, fused):
             vs = by_index.get(i, [])
+            errors[i].extend(f"round {rnd} {e}" for e in judge_errors(vs))
+            if errors[i]:
+                continue  # failed: no further rounds, no record
             mean = mean_score(vs)
             candidates[i].append({
                 "round": rnd, "text": f.text, "finish_reason": f.finish_reason, "mean": mean,
@@ -222,7 +247,7 @@ def refine_batch(
         scored = [c for c in candidates[i] if c["mean"] is not None]
         best = max(scored, key=lambda c: (c["mean"], -c["round"])) if scored else None
         if sims[i] is None:
-            source, chosen = "original_no_rewrite", ex.answer  # empty rewrite, or its request failed
+            source, chosen = "original_no_rewrite", ex.answer  # an empty rewrite (a failed one is not recorded)
         elif not accepted[i]:
             source, chosen = "original_filtered", ex.answer
         elif best is None:
@@ -241,19 +266,25 @@ def refine_batch(
             "timings_s": {k: round(v / n, 4) for k, v in secs.items()},
             "generated_tokens": {k: round(v / n, 1) for k, v in tokens.items()},
         })
-    return records
+    return _without_failed(batch, records, errors)
+
+
+def _without_failed(batch, records: list[dict], errors: list[list[str]]) -> tuple[list[dict], list[dict]]:
+    """(the records of the samples whose generations all succeeded, the failed samples with their errors)."""
+    failed = [{"key": ex.key, "index": index, "errors": errs} for (index, ex), errs in zip(batch, errors) if errs]
+    return [r for r, errs in zip(records, errors) if not errs], failed
 
 
 def _sdft_records(batch, rewrites, secs: Counter, tokens: Counter) -> list[dict]:
-    """SDFT's choice: the rewrite, or the original answer where the rewrite is empty, failed or leaks
-    the prompt. The records keep raft's fields (filter and fusion ones empty) so merge and summary
-    read both modes alike."""
+    """SDFT's choice: the rewrite, or the original answer where the rewrite is empty or leaks the
+    prompt (a failed rewrite's record is dropped by the caller). The records keep raft's fields
+    (filter and fusion ones empty) so merge and summary read both modes alike."""
     n = len(batch)
     records = []
     for (index, ex), rw in zip(batch, rewrites):
         leak = leaks_prompt(rw.text)
         if not rw.text.strip():
-            source, chosen = "original_no_rewrite", ex.answer  # empty, or its request failed (no text)
+            source, chosen = "original_no_rewrite", ex.answer  # empty (a failed one is not recorded)
         elif leak is not None:
             source, chosen = "original_leak", ex.answer
         else:
@@ -315,8 +346,9 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
         mine = [(i, ex) for i, ex in enumerate(targets) if i % n_shards == i_shard]
         todo = [(i, ex) for i, ex in mine if ex.key not in done]
         log.info("%s: %d targets in this shard, %d already done, %d to do", run, len(mine), len(mine) - len(todo), len(todo))
-        if todo:
-            _refine_loop(cfg, todo, len(mine), records_path, run, progress)
+        failed = _refine_loop(cfg, todo, len(mine), records_path, run, progress) if todo else []
+    if failed:
+        raise _failure(run, failed, len(todo))
 
     if _all_done(run):
         merge(run)
@@ -325,7 +357,8 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
     return run
 
 
-def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path, progress: bool) -> None:
+def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path, progress: bool) -> list[dict]:
+    """Refine ``todo`` batch by batch into ``records_path``; returns the samples that failed (not recorded)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -349,22 +382,38 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
 
     columns = [TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    t_start, n_done = time.perf_counter(), 0
+    t_start, n_done, failed = time.perf_counter(), 0, []
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("refine", total=n_total, completed=n_total - len(todo), rate="")
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
             t0 = time.perf_counter()
-            records = refine_batch(batch, cfg, original, fusion, judges, sem_filter, templates)
+            records, batch_failed = refine_batch(batch, cfg, original, fusion, judges, sem_filter, templates)
             append_jsonl(records_path, records)  # the batch is durable before it counts as done
+            failed += batch_failed  # not in the log: the next run with the same settings retries them
+            for f in batch_failed:
+                log.warning("sample %s failed, not recorded: %s", f["key"], "; ".join(f["errors"]))
             dt = time.perf_counter() - t0
             n_done += len(batch)
             rate = n_done / (time.perf_counter() - t_start) * 60
             append_jsonl(run / "metrics.jsonl", [{
                 "time": time.time(), "shard": list(cfg.shard), "batch": len(batch), "seconds": round(dt, 3),
                 "samples_per_min": round(len(batch) / dt * 60, 2), "accepted": sum(r["accepted"] for r in records),
+                "failed": len(batch_failed),
             }])
             bar.update(task, advance=len(batch), rate=f"{rate:.1f}/min")
+    return failed
+
+
+def _failure(run: Path, failed: list[dict], n_asked: int) -> GenerationFailed:
+    keys = [f["key"] for f in failed]
+    firsts = list(dict.fromkeys(" ".join(f["errors"][0].split()) for f in failed))[:3]  # one line each
+    log.error("%d of %d samples failed and were not recorded; keys: %s%s; first errors:\n  %s", len(failed), n_asked,
+              ", ".join(keys[:20]), " ..." if len(keys) > 20 else "", "\n  ".join(firsts))
+    return GenerationFailed(
+        f"refine: {len(failed)} of {n_asked} samples failed, a generation failing after its retries "
+        f"(first: {firsts[0]}); the other {n_asked - len(failed)} are recorded in {run}. "
+        f"Run the same command again to retry exactly the failed samples.", run, failed)
 
 
 def _all_done(run: Path) -> bool:

@@ -40,8 +40,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from raftune import losses
 from raftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -54,7 +56,6 @@ from raftune.distributed import (
     trainable_state,
 )
 from raftune.files import append_jsonl, atomic_write_json, stable_hash
-from raftune.generation.engine import COMPILE_MODES
 from raftune.models import eval_mode
 from raftune.rollout import RolloutConfig, sample_trajectories
 from raftune.sequences import (
@@ -64,6 +65,16 @@ from raftune.sequences import (
     end_of_turn_id,
     teacher_context_ids,
     trajectory_batch,
+)
+from raftune.settings import (
+    Device,
+    Dtype,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    settings,
 )
 
 log = logging.getLogger("raftune.train")
@@ -80,6 +91,7 @@ class Method:
     replay: bool = False  # needs replay_data
 
 
+MethodName = Literal["raft", "sft", "onpolicy", "distill", "talr", "l2sp", "replay"]
 L2SP_ALPHA = 0.01  # chosen, not from a paper: the L2-SP method's alpha when l2sp_alpha is not set
 
 METHODS = {
@@ -91,100 +103,86 @@ METHODS = {
     "l2sp": Method(ce=True, kl=False, l2sp_alpha=L2SP_ALPHA),
     "replay": Method(ce=True, kl=False, replay=True),
 }
+assert set(METHODS) == set(MethodName.__args__)
 
 
-@dataclass(frozen=True)
+@settings
 class TrainConfig:
     data: str = field(metadata={"help": "training data: a fused.jsonl from `raftune refine`, or any QA source"})
-    method: str = field(default="raft", metadata={"help": f"one of {sorted(METHODS)}"})
+    method: MethodName = field(default="raft", metadata={"help": f"one of {sorted(METHODS)}"})
     model: str = "default"
     out_dir: str = "runs"
     answer_field: str = field(default="answer", metadata={"help": "CE targets (fused.jsonl: answer = fused, original_answer = original)"})
     reference_field: str | None = field(default=None, metadata={"help": "teacher's reference answer; default: answer_field"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out QA data for the domain loss (e.g. heldout.jsonl)"})
-    eval_limit: int | None = 64
-    eval_every: int = 0  # steps; 0: only before and after training
+    eval_limit: Positive | None = 64
+    eval_every: NonNegative = 0  # steps; 0: only before and after training
     # --- optimisation (paper 4.1: AdamW, weight decay 0.01, 3 epochs, batch 16, bf16)
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float | None = field(default=None, metadata={"help": "default 1e-5 full fine-tuning (inferred), 2e-4 LoRA"})
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
+    epochs: PositiveFloat = 3.0
+    max_steps: Positive | None = field(default=None, metadata={"help": "optimizer steps; null: epochs"})
+    batch_size: Positive = 16
+    grad_accum: Positive = 1
+    lr: PositiveFloat | None = field(default=None, metadata={"help": "default 1e-5 full fine-tuning (inferred), 2e-4 LoRA"})
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_ratio: Fraction = 0.05
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: PositiveFloat = 1.0
     seed: int = 0
-    max_len: int = 1024
+    max_len: Positive = 1024
     # --- LoRA (peft)
     lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_r: Positive = 16
+    lora_alpha: Positive = 32
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     lora_targets: str = "all-linear"
     merge_lora: bool = True
     # --- rollouts and distillation
-    rollout_max_new_tokens: int = 128
-    rollout_temperature: float = 1.0
-    rollout_top_p: float = 1.0
-    rollout_compile: str = field(default="auto", metadata={
+    rollout_max_new_tokens: Positive = 128
+    rollout_temperature: NonNegativeFloat = 1.0
+    rollout_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    rollout_compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(default="auto", metadata={
         "help": "rollout decoding: auto (CUDA graphs on CUDA, eager elsewhere), off, or a torch.compile mode"})
-    top_k: int | None = field(default=512, metadata={"help": "teacher's top-K (paper: 512); null: full vocabulary"})
-    kl_temperature: float = field(default=1.0, metadata={"help": "T (inferred default 1.0)"})
-    kl_direction: str = "forward"
-    kl_lambda: float | None = field(default=None, metadata={
+    top_k: Positive | None = field(default=512, metadata={"help": "teacher's top-K (paper: 512); null: full vocabulary"})
+    kl_temperature: PositiveFloat = field(default=1.0, metadata={"help": "T (inferred default 1.0)"})
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    kl_lambda: NonNegativeFloat | None = field(default=None, metadata={
         "help": "fixed lambda; null: the method's (raft: EMA-balanced; onpolicy: 1.0)"})
-    ema_decay: float = 0.9
-    ema_eps: float = field(default=1e-8, metadata={"help": "inferred"})
-    teacher_context: str | None = field(default=None, metadata={
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    ema_eps: PositiveFloat = field(default=1e-8, metadata={"help": "inferred"})
+    teacher_context: Literal["appendix_h", "chat", "none"] | None = field(default=None, metadata={
         "help": f"{TEACHER_CONTEXTS}; default: the method's (raft: chat for a model with a chat template, else appendix_h)"})
     teacher_model: str | None = field(default=None, metadata={
         "help": "the frozen teacher of the KL term; default: the model the run starts from"})
     # --- baselines
-    talr_tau: float | None = field(default=None, metadata={
+    talr_tau: PositiveFloat | None = field(default=None, metadata={
         "help": "TALR's tau; null: each step, the median over sequences of their mean NLL (a third-party reading)"})
-    l2sp_alpha: float | None = field(default=None, metadata={"help": f"L2-SP's alpha; null: the method's (l2sp: {L2SP_ALPHA}, others 0)"})
+    l2sp_alpha: NonNegativeFloat | None = field(default=None, metadata={"help": f"L2-SP's alpha; null: the method's (l2sp: {L2SP_ALPHA}, others 0)"})
     replay_data: str | None = field(default=None, metadata={"help": "general instruction data mixed into every CE batch"})
-    replay_ratio: float = field(default=0.2, metadata={"help": "share of each CE batch taken from replay_data (chosen default)"})
-    max_reference_tokens: int = 1024
-    loss_chunk: int = field(default=64, metadata={"help": "sequence positions per chunk of the LM head and losses"})
+    replay_ratio: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = field(default=0.2, metadata={"help": "share of each CE batch taken from replay_data (chosen default)"})
+    max_reference_tokens: Positive = 1024
+    loss_chunk: Positive = field(default=64, metadata={"help": "sequence positions per chunk of the LM head and losses"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each decoder layer's activations in the backward: about half the memory, a few % more time (RAFT)"})
-    teacher_device: str | None = None
-    teacher_dtype: str | None = None
+    teacher_device: Device = None
+    teacher_dtype: Dtype = None
     fsdp: bool = field(default=False, metadata={"help": "shard student and teacher over the processes (FSDP2) instead of DDP"})
     # --- bookkeeping
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    max_bad_steps: int = 5
+    save_every: Positive = 50
+    keep_checkpoints: Positive = 2
+    max_bad_steps: Positive = 5
     tensorboard: bool = False
-    device: str | None = None
-    dtype: str | None = field(default=None, metadata={"help": "master weights' dtype; default fp32"})
-    mixed_precision: str = field(default="auto", metadata={
+    device: Device = None
+    dtype: Dtype = field(default=None, metadata={"help": "master weights' dtype; default fp32"})
+    mixed_precision: Literal["auto", "bf16", "no"] = field(default="auto", metadata={
         "help": "auto (bf16 autocast on CUDA, none elsewhere), bf16 (also on CPU), or no"})
     name: str | None = None
 
     def __post_init__(self):
-        checks = [
-            (self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or null, got {self.top_k}"),
-            (self.kl_temperature > 0, f"kl_temperature must be > 0, got {self.kl_temperature}"),
-            (self.kl_direction in ("forward", "reverse"), f"kl_direction must be forward or reverse, got {self.kl_direction!r}"),
-            (self.teacher_context in (None, *TEACHER_CONTEXTS), f"teacher_context must be one of {TEACHER_CONTEXTS}"),
-            (0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
-            (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
-            (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be > 0"),
-            (self.rollout_max_new_tokens >= 1, "rollout_max_new_tokens must be >= 1"),
-            (self.mixed_precision in ("auto", "bf16", "no"), f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}"),
-            (self.rollout_compile in COMPILE_MODES, f"rollout_compile must be one of {COMPILE_MODES}, got {self.rollout_compile!r}"),
+        checks = [  # across settings; each setting's own type and range are checked by the annotations
             (not (self.fsdp and self.teacher_device), "fsdp shards the teacher with the student: drop teacher_device"),
-            (self.talr_tau is None or self.talr_tau > 0, f"talr_tau must be > 0 or null, got {self.talr_tau}"),
-            (self.l2sp_alpha is None or self.l2sp_alpha >= 0, f"l2sp_alpha must be >= 0 or null, got {self.l2sp_alpha}"),
-            (0 <= self.replay_ratio < 1, f"replay_ratio must be in [0, 1), got {self.replay_ratio}"),
-            (not METHODS.get(self.method, METHODS["sft"]).replay or self.replay_data,
+            (not METHODS[self.method].replay or self.replay_data,
              "method replay needs replay_data (general instruction data, e.g. ../shared/data/alpaca_tiny/alpaca_tiny.json)"),
-            (not self.replay_data or METHODS.get(self.method, METHODS["sft"]).ce, "replay_data needs a method with a CE term"),
+            (not self.replay_data or METHODS[self.method].ce, "replay_data needs a method with a CE term"),
         ]
         for ok, msg in checks:
             if not ok:
