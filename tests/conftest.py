@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -97,3 +100,86 @@ def llama_url(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- a fake OpenAI-compatible chat server that fails on purpose -------------------------------------------
+
+# What a failing request is answered, by kind: (status, content type, body)
+CHAT_FAILURES = {
+    "5xx": (503, "application/json", json.dumps({"error": {"message": "overloaded"}})),
+    "html": (200, "text/html", "<html><body><h1>502 Bad Gateway</h1>nginx</body></html>"),
+    "no-choices": (200, "application/json", json.dumps({"object": "error", "message": "model crashed"})),
+    "null-content": (200, "application/json", json.dumps(
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}]})),
+}
+
+
+class FakeChatServer:
+    """Just enough of the OpenAI chat API (``GET /v1/models``, ``POST /v1/chat/completions``) on a free
+    localhost port, served from a thread. ``reply(prompt)`` gives the answer to a request, ``prompt``
+    being its messages' contents joined by newlines; a request for which ``fail(prompt)`` is true is
+    answered as ``CHAT_FAILURES[failure]`` instead. ``requests`` holds every chat prompt received."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.fail = lambda prompt: False
+        self.failure = "5xx"
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    self._send(200, "application/json", json.dumps({"object": "list", "data": [{"id": "fake-model"}]}))
+                else:
+                    self._send(404, "application/json", json.dumps({"error": {"message": "not found"}}))
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = "\n".join(m["content"] for m in body["messages"])
+                with fake.lock:
+                    fake.requests.append(prompt)
+                if fake.fail(prompt):
+                    self._send(*CHAT_FAILURES[fake.failure])
+                    return
+                message = {"role": "assistant", "content": fake.reply(prompt)}
+                self._send(200, "application/json", json.dumps({
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}))
+
+            def _send(self, status, content_type, text):
+                data = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.spec = f"{self.url}#fake-model"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_chat_server(monkeypatch):
+    """A ``FakeChatServer`` (replying "ok" until a test sets ``reply``); every server backend opened meanwhile
+    retries once, without waiting, so that a failing request costs two fast requests."""
+    from raftune.generation import remote
+
+    class FastRetries(remote.OpenAIChatGenerator):
+        def __init__(self, url, **kw):
+            super().__init__(url, **{**kw, "max_retries": 1, "backoff_s": 0.0})
+
+    monkeypatch.setattr(remote, "OpenAIChatGenerator", FastRetries)  # what open_generator builds
+    server = FakeChatServer(lambda prompt: "ok")
+    yield server
+    server.close()

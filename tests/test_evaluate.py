@@ -1,5 +1,6 @@
 """Evaluation: the pure pieces on raw strings, then every suite end to end on the tiny random model."""
 import json
+import re
 
 import pytest
 from conftest import SHARED, shared_data
@@ -361,3 +362,94 @@ def test_base_answers_come_from_the_base_evaluation(tiny_model_dir, tmp_path, mo
     pairwise_rows = [json.loads(line) for line in (tuned_run / "general.jsonl").read_text().splitlines()]
     assert [r["base_answer"] for r in drift_rows] == base_answers == [r["base_answer"] for r in pairwise_rows]
     assert (base_run / "completions.jsonl").read_text() == base_log  # read by the tuned evaluation, never written
+
+
+# --- failed server calls: never an answer, retried by the next run ---------------------------------------
+
+
+def _eval_reply(prompt: str) -> str:
+    """The fake server as the model under evaluation and as its judge."""
+    if "Is the candidate answer correct" in prompt:  # domain_judge
+        return "Verdict: correct"
+    if "Rate the answer below" in prompt:  # general_judge
+        return "Score: 7"
+    return "My answer to: " + prompt.splitlines()[-1]
+
+
+@pytest.mark.parametrize("failure", ["5xx", "html", "no-choices", "null-content"])
+def test_failed_server_calls_are_not_scored_and_a_rerun_retries_exactly_them(tmp_path, fake_chat_server, failure):
+    """The model and the judge are the fake server. In the domain suite, the answer to the flaky_answer
+    question and the judge call on the flaky_judge question's answer fail after their retries: the suite
+    is not scored, the general suite is, the run raises, and results.json says what failed. Fixed, the
+    same config asks exactly those three requests and completes with every answer scored."""
+    from raftune.generation import GenerationFailed
+
+    server = fake_chat_server
+    server.reply, server.failure = _eval_reply, failure
+    server.fail = lambda p: ("flaky_answer" in p and "Candidate answer" not in p) or \
+        ("flaky_judge" in p and "Is the candidate answer correct" in p)
+    domain = tmp_path / "heldout.jsonl"
+    domain.write_text("".join(json.dumps({"question": f"What does {n} return?", "answer": "A directory."}) + "\n"
+                              for n in ["f0", "flaky_answer_f1", "flaky_judge_f2", "f3"]))
+    cfg = EvalConfig(model=server.spec, judges=(server.spec,), suites=("domain", "general"), domain_data=str(domain),
+                     general_data=str(_general_prompts(tmp_path, n=2)), max_new_tokens=16, judge_retries=1,
+                     out_dir=str(tmp_path / "runs"), name="flaky", device="cpu")
+
+    with pytest.raises(GenerationFailed, match=r"eval: 2 samples of suite\(s\) domain \(2\) failed.*Run the same command"):
+        evaluate(cfg, progress=False)
+    run = tmp_path / "runs" / "eval-flaky"
+    assert len(server.requests) == 4 + 1 + 3 + 1 + 2 + 2  # domain answers + a retry, judges + a retry, general
+    results = json.loads((run / "results.json").read_text())
+    assert results["complete"] is False and list(results["suites"]) == ["general"]
+    assert results["suites"]["general"]["n_scored"] == 2 and results["suites"]["general"]["mean_score"] == 7.0
+    failed = results["failed"]["domain"]
+    assert failed["n_failed"] == 2 and [len(s["errors"]) for s in failed["samples"]] == [1, 1]
+    errors = sorted(s["errors"][0] for s in failed["samples"])
+    assert errors[0].startswith("answer: POST") and errors[1].startswith(f"judge {server.spec}: POST")
+    assert not (run / "domain.jsonl").exists()  # nothing scored on a failure
+    logged = [json.loads(line)["completion"] for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 + 2 + 2 + 2 and all(c["error"] is None and c["text"] for c in logged)
+
+    server.fail = lambda p: False  # fixed
+    server.requests.clear()
+    evaluate(cfg, progress=False)
+    assert sorted(("judge " if "Candidate answer" in p else "answer ") + re.search(r"f\d", p).group(0)
+                  for p in server.requests) == ["answer f1", "judge f1", "judge f2"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["complete"] is True and "failed" not in results and list(results["suites"]) == ["domain", "general"]
+    d = results["suites"]["domain"]
+    assert (d["n"], d["n_judged"], d["d_acc"]) == (4, 4, 1.0)
+    rows = [json.loads(line) for line in (run / "domain.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [f"My answer to: What does {n} return?"
+                                           for n in ["f0", "flaky_answer_f1", "flaky_judge_f2", "f3"]]
+
+
+def test_a_failed_judge_call_is_neither_a_verdict_nor_unreadable(tmp_path, tiny_model_dir, monkeypatch):
+    """Pairwise general suite with a judge whose calls on one prompt fail: that prompt fails the suite
+    (no tie, no loss recorded); the model's and the base model's answers stay logged."""
+    from raftune.generation import GenerationFailed
+
+    class FailingJudge(RuleJudge):
+        def chat(self, conversations, params):
+            out = super().chat(conversations, params)
+            return [Completion("", 0, 0, "error", "HTTP 503") if "Question 1:" in "\n".join(m["content"] for m in c)
+                    else o for c, o in zip(conversations, out)]
+
+    class Tuned:
+        name = "tuned"
+
+        def chat(self, conversations, params):
+            return [Completion("Take aspirin.", 5, 3, "stop") for _ in conversations]
+
+    real_open = evaluate_module.open_generator
+    monkeypatch.setattr(evaluate_module, "open_generator",
+                        lambda spec, **kw: FailingJudge() if spec == "rule" else Tuned() if spec == "tuned" else real_open(spec, **kw))
+    cfg = EvalConfig(model="tuned", base_model=str(tiny_model_dir), judges=("rule",), suites=("general",),
+                     general_mode="pairwise", general_data=str(_general_prompts(tmp_path)), max_new_tokens=6,
+                     out_dir=str(tmp_path / "runs"), name="pairwise-fail", device="cpu")
+    with pytest.raises(GenerationFailed, match=r"general \(1\)") as e:
+        evaluate(cfg, progress=False)
+    assert e.value.failed["general"]["samples"] == [{"sample": 1, "errors": ["judge rule-judge: HTTP 503", "judge rule-judge: HTTP 503"]}]
+    results = json.loads((e.value.run_dir / "results.json").read_text())
+    assert results["suites"] == {} and results["complete"] is False
+    assert len((e.value.run_dir / "completions.jsonl").read_text().splitlines()) == 3 + 3 + 2 * 2  # answers, base, judges

@@ -1,7 +1,7 @@
 import pytest
 
 from raftune.generation import Completion
-from raftune.judging import mean_score, parse_score, score_with_judges
+from raftune.judging import judge_errors, mean_score, parse_score, score_with_judges
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -48,7 +48,7 @@ class ScriptedJudge:
         replies = self.calls.pop(0)
         assert len(replies) == len(conversations)
         self.seen.append((len(conversations), params.temperature))
-        return [Completion(r, 10, 3, "stop") for r in replies]
+        return [r if isinstance(r, Completion) else Completion(r, 10, 3, "stop") for r in replies]
 
 
 def test_unreadable_replies_are_retried_then_recorded_as_none():
@@ -70,3 +70,18 @@ def test_mean_score_ignores_unreadable_judges():
     assert mean_score(verdicts[0]) == 7.0
     assert mean_score(verdicts[1]) == 2.0  # judge a never readable: only b counts
     assert mean_score([verdicts[1][0]]) is None
+
+
+def test_a_failed_judge_call_is_an_error_not_an_unreadable_reply():
+    """A call that failed after the backend's retries is not asked again as if unreadable, and its
+    verdict carries the error; an unreadable reply next to it is retried and stays unreadable."""
+    failed = Completion("", 0, 0, "error", "POST http://judge/v1/chat/completions answered HTTP 503: overloaded")
+    judge = ScriptedJudge("j", [["Score: 9", failed, "hmm"], ["still hmm"]])
+    verdicts = score_with_judges([judge], [[{"role": "user", "content": str(i)}] for i in range(3)],
+                                 max_new_tokens=8, retries=1, seed=0)
+    ok, error, unreadable = (v[0] for v in verdicts)
+    assert (ok.score, ok.error) == (9.0, None)
+    assert (error.score, error.attempts, error.reply) == (None, 1, "") and "HTTP 503" in error.error
+    assert (unreadable.score, unreadable.error, unreadable.attempts) == (None, None, 2)
+    assert judge.seen == [(3, 0.0), (1, 0.7)]  # only the unreadable reply is asked again
+    assert judge_errors(verdicts[1]) == [f"judge j: {failed.error}"] and judge_errors(verdicts[2]) == []

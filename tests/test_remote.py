@@ -132,9 +132,28 @@ def test_unreachable_server_raises_quickly():
     assert time.monotonic() - start < 5
 
 
+# 200 answers that are no chat completion: (body, headers, content type), and what the error then says
+GARBLED = {
+    "html": ("<html><body>502 Bad Gateway</body></html>", None, "text/html"),
+    "empty": ("", None, "text/plain"),
+    "no-choices": ({"object": "error", "message": "model not loaded"}, None, "application/json"),
+    "empty-choices": ({"choices": []}, None, "application/json"),
+    "no-message": ({"choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}, None, "application/json"),
+    "null-content": ({"choices": [{"message": {"content": None}, "finish_reason": "stop"}]}, None, "application/json"),
+    "list-content": ({"choices": [{"message": {"content": [{"type": "text"}]}}]}, None, "application/json"),
+    "json-list": ([1, 2], None, "application/json"),
+}
+NOT_A_STRING = "choices[0].message.content is not a string"
+GARBLED_WHY = {"html": "the body is not JSON", "empty": "the body is not JSON", "no-choices": "no choices",
+               "empty-choices": "no choices", "no-message": NOT_A_STRING, "null-content": NOT_A_STRING,
+               "list-content": NOT_A_STRING, "json-list": "no choices"}
+
+
 class _Stub(BaseHTTPRequestHandler):
     """Answers by the last user message: "flaky" fails with 503 twice then succeeds, "down" always
-    answers 503, "busy" answers 429 with Retry-After once, "reject" answers 400; anything else succeeds."""
+    answers 503, "busy" answers 429 with Retry-After once, "reject" answers 400; "garbled:KIND" always
+    answers 200 with a body that is no chat completion (``GARBLED[KIND]``), "garbled-once" does so once,
+    "thinking" gets ``content: null`` with ``finish_reason: length``; anything else succeeds."""
 
     seen: dict[str, int] = {}
     lock = threading.Lock()
@@ -150,15 +169,20 @@ class _Stub(BaseHTTPRequestHandler):
             self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.2"})
         elif prompt == "reject":
             self._send(400, {"error": {"message": "messages must not say reject"}})
+        elif prompt.startswith("garbled:") or (prompt == "garbled-once" and n == 1):
+            self._send(200, *GARBLED[prompt.partition(":")[2] or "no-choices"])
+        elif prompt == "thinking":
+            answer = {"role": "assistant", "content": None, "reasoning_content": "Let me think"}
+            self._send(200, {"choices": [{"index": 0, "message": answer, "finish_reason": "length"}]})
         else:
             answer = {"role": "assistant", "content": f" echo: {prompt} (seed {body.get('seed')}) "}
             usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
             self._send(200, {"choices": [{"index": 0, "message": answer, "finish_reason": "stop"}], "usage": usage})
 
-    def _send(self, status, obj, headers=None):
-        data = json.dumps(obj).encode()
+    def _send(self, status, obj, headers=None, content_type="application/json"):
+        data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
         self.send_response(status)
-        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+        for k, v in {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
@@ -205,6 +229,29 @@ def test_request_failing_after_its_retries_becomes_an_error_completion(stub):
     assert _Stub.seen["down"] == 4  # 1 + max_retries
     assert [c.finish_reason for c in out] == ["stop", "error", "stop"]
     assert out[1].text == "" and "HTTP 503" in out[1].error and "overloaded" in out[1].error
+
+
+@pytest.mark.parametrize("kind", sorted(GARBLED))
+def test_a_200_that_is_no_chat_completion_is_retried_then_becomes_an_error_completion(stub, kind, caplog):
+    with caplog.at_level(logging.WARNING, logger="raftune.remote"):
+        out = stub.chat([_user("ok"), _user(f"garbled:{kind}")], SamplingParams())
+    assert _Stub.seen[f"garbled:{kind}"] == 4  # 1 + max_retries, like a 5xx
+    assert out[0].text.startswith("echo: ok") and out[0].error is None
+    bad = out[1]
+    assert (bad.text, bad.finish_reason) == ("", "error")
+    assert f"answered HTTP 200 with no chat completion ({GARBLED_WHY[kind]})" in bad.error
+    assert len([r for r in caplog.records if "no chat completion" in r.getMessage()]) == 3
+
+
+def test_a_garbled_answer_then_a_good_one_succeeds(stub):
+    out = stub.chat([_user("garbled-once")], SamplingParams())
+    assert _Stub.seen == {"garbled-once": 2} and out[0].text.startswith("echo: garbled-once") and out[0].error is None
+
+
+def test_null_content_at_the_length_limit_is_an_empty_answer_not_a_failure(stub):
+    # a reasoning model that spent max_tokens thinking: asking again would give the same
+    out = stub.chat([_user("thinking")], SamplingParams(max_new_tokens=4))
+    assert _Stub.seen == {"thinking": 1} and out[0] == Completion("", 0, 0, "length")
 
 
 def test_client_error_is_not_retried_and_raises_the_server_message(stub):

@@ -3,6 +3,9 @@
 A judge reply is free text. ``parse_score`` reads a score from it or returns None; it never guesses.
 ``score_with_judges`` asks every judge, retries the replies that could not be read (sampling, so a
 retry can differ), and records what stays unreadable as such: a None score, never a silent default.
+A judge call that failed (``Completion.error``: a server that kept answering 5xx or garbage) is no
+reply at all: its verdict carries the ``error`` and the caller treats the sample as failed, not as
+unreadable nor as a low score.
 """
 from __future__ import annotations
 
@@ -46,10 +49,11 @@ def parse_score(text: str, lo: float = 1, hi: float = 10) -> float | None:
 @dataclass(frozen=True)
 class Verdict:
     judge: str
-    score: float | None  # None: unreadable after all retries
+    score: float | None  # None: unreadable after all retries, or the call failed (then ``error`` says why)
     reply: str  # the last reply seen
     attempts: int
     completion_tokens: int  # over all attempts
+    error: str | None = None  # the judge call failed after the backend's retries: no verdict at all
 
 
 def score_with_judges(
@@ -64,7 +68,8 @@ def score_with_judges(
 ) -> list[list[Verdict]]:
     """verdicts[i][j]: judge j on prompt i. First attempt greedy, retries sampled, all batched.
 
-    ``parse`` reads a reply into a score, None when unreadable (then the prompt is asked again).
+    ``parse`` reads a reply into a score, None when unreadable (then the prompt is asked again). A
+    failed call is not asked again here (the backend has retried it): its verdict holds the error.
     """
     verdicts: list[list[Verdict]] = [[None] * len(judges) for _ in prompts]  # type: ignore[list-item]
     for j, judge in enumerate(judges):
@@ -76,16 +81,23 @@ def score_with_judges(
             replies = judge.chat([prompts[i] for i in pending], params)
             still = []
             for i, reply in zip(pending, replies):
-                score = parse(reply.text)
                 spent[i] += reply.completion_tokens
-                text = reply.text if not reply.error else f"<error: {reply.error}>"
-                verdicts[i][j] = Verdict(judge.name, score, text, attempt, spent[i])
+                if reply.error is not None:
+                    verdicts[i][j] = Verdict(judge.name, None, reply.text, attempt, spent[i], error=reply.error)
+                    continue
+                score = parse(reply.text)
+                verdicts[i][j] = Verdict(judge.name, score, reply.text, attempt, spent[i])
                 if score is None:
                     still.append(i)
             pending = still
             if not pending:
                 break
     return verdicts
+
+
+def judge_errors(verdicts: Sequence[Verdict]) -> list[str]:
+    """The errors of the judge calls that failed, with the judge's name; empty when every judge replied."""
+    return [f"judge {v.judge}: {v.error}" for v in verdicts if v.error is not None]
 
 
 def mean_score(verdicts: Sequence[Verdict]) -> float | None:

@@ -4,7 +4,8 @@
     gen.chat([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=64))
 
 The package, one module per piece:
-- ``base``: the interface (``Generator.chat``, ``SamplingParams``, ``Completion``);
+- ``base``: the interface (``Generator.chat``, ``SamplingParams``, ``Completion``), and
+  ``GenerationFailed``, what a stage raises when some generations failed after their retries;
 - ``local``: ``LocalGenerator``, a transformers model in this process, decoding through
 - ``engine``: the ``DecodeEngine``, the one decoding path of raftune (also the student's rollouts);
 - ``remote``: ``OpenAIChatGenerator``, any OpenAI-compatible chat server (vLLM, llama.cpp, Ollama,
@@ -18,11 +19,17 @@ original model, the fusion model and a judge that are the same model load once.
 """
 from __future__ import annotations
 
-from raftune.generation.base import Completion, Generator, Messages, SamplingParams
+from raftune.generation.base import (
+    Completion,
+    GenerationFailed,
+    Generator,
+    Messages,
+    SamplingParams,
+)
 from raftune.generation.local import LocalGenerator
 from raftune.generation.log import CachedGenerator, CompletionLog
 
-__all__ = ["CachedGenerator", "Completion", "CompletionLog", "Generator", "LocalGenerator", "Messages",
+__all__ = ["CachedGenerator", "Completion", "CompletionLog", "GenerationFailed", "Generator", "LocalGenerator", "Messages",
            "SamplingParams", "is_remote_spec", "open_generator"]
 
 _OPEN: dict[tuple, Generator] = {}

@@ -33,6 +33,18 @@ class Completion:
     error: str | None = None
 
 
+class GenerationFailed(RuntimeError):
+    """Generations failed after their retries (a server answering 5xx, or 200 with no chat completion):
+    the stage recorded the samples that did not need them, none of those that did, and finished what
+    it could. ``run_dir`` is the run folder; ``failed`` says which samples and why. Running the same
+    command again asks exactly the failed generations again."""
+
+    def __init__(self, message: str, run_dir, failed):
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.failed = failed
+
+
 class Generator(Protocol):
     name: str
 

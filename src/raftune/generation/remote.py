@@ -2,13 +2,18 @@
 
 ``OpenAIChatGenerator.chat`` sends one ``POST {url}/chat/completions`` per conversation, up to
 ``concurrency`` at a time from a thread pool (the callers are synchronous). A request that fails on
-a connection error, a time-out, HTTP 429 or 5xx is retried with exponential back-off and jitter
-(at least the server's ``Retry-After``); other 4xx answers mean the request itself is wrong, so the
-call raises ``RemoteError`` with the server's message. A request still failing after its retries
-becomes ``Completion(finish_reason="error", error=...)`` so one bad request does not sink a batch;
-but when no request of a call gets through because the server cannot be reached, the call raises
-(and stops sending once a request has used up its retries on connection errors before any other
-succeeded, rather than waiting out the retries of the whole batch).
+a connection error, a time-out, HTTP 429 or 5xx, or that is answered 2xx with something that is not
+a chat completion (not JSON, an HTML page, JSON without ``choices[0].message.content`` as a string;
+``null`` passes only with ``finish_reason: length``, an empty answer at the limit), is retried with exponential back-off and jitter (at least the server's ``Retry-After``); other 4xx
+answers mean the request itself is wrong, so the call raises ``RemoteError`` with the server's
+message. A request still failing after its retries becomes ``Completion(text="",
+finish_reason="error", error=...)`` so one bad request does not sink a batch: it is a failure, never
+an answer, and the stages treat it so (``refine`` records no sample with a failed generation,
+``eval`` scores no failed answer; both finish the rest, then raise ``GenerationFailed``, and a rerun
+asks exactly the failed requests again). When no request of a call gets through because the server
+cannot be reached, the call raises (and stops sending once a request has used up its retries on
+connection errors before any other succeeded, rather than waiting out the retries of the whole
+batch).
 
 The API key is read from the environment variable named by ``api_key_env`` and sent as a bearer
 token; it is kept out of ``repr``, log lines and error messages.
@@ -23,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import httpx
 
@@ -128,22 +133,18 @@ class OpenAIChatGenerator:
                 results[i] = _NOT_SENT
                 return
             try:
-                answer = self._request("POST", "/chat/completions", self._body(conversations[i], params, i))
+                answer = self._request("POST", "/chat/completions", self._body(conversations[i], params, i),
+                                       parse=_parse_completion)
             except RemoteError as e:
                 fatal.append(e)
                 stop.set()
                 return
+            results[i] = answer
             if isinstance(answer, _Failure):
-                results[i] = answer
                 if answer.connection and not any_ok.is_set():
                     stop.set()  # nothing got through yet: don't wait out the retries of every other request
                 return
-            try:
-                results[i] = _parse_completion(answer.json())
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-                results[i] = _Failure(self._redact(f"malformed answer from {self.url}: {e!r}"), connection=False)
-            else:
-                any_ok.set()
+            any_ok.set()
 
         with ThreadPoolExecutor(max_workers=min(self.concurrency, n), thread_name_prefix="raftune-remote") as pool:
             for f in [pool.submit(one, i) for i in range(n)]:
@@ -188,8 +189,10 @@ class OpenAIChatGenerator:
             raise RemoteError(f"{self.url}/models lists no models; pass one as {self.url}#MODEL")
         return ids[0]
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> httpx.Response | _Failure:
-        """The 2xx answer, or why the last of ``1 + max_retries`` attempts failed.
+    def _request(self, method: str, path: str, body: dict | None = None, parse: Callable | None = None) -> Any:
+        """The 2xx answer (``parse(answer)`` when ``parse`` is given), or why the last of ``1 + max_retries``
+        attempts failed. A 2xx answer that ``parse`` rejects (``ValueError``) is retried like a 5xx:
+        a proxy's HTML page or a server's error in a 200 is no answer.
 
         Raises ``RemoteError`` at once on a 4xx answer other than 429: sending it again won't help.
         """
@@ -208,13 +211,17 @@ class OpenAIChatGenerator:
             except httpx.TransportError as e:  # the connection dropped mid-request, a protocol error, ...
                 failure = _Failure(self._redact(f"{method} {url} failed: {e!r}"), connection=False)
             else:
-                if r.is_success:
+                if not r.is_success:
+                    failure = self._http_failure(method, url, r)
+                    retry_after = _retry_after_s(r.headers.get("Retry-After"))
+                elif parse is None:
                     return r
-                message = self._redact(f"{method} {url} answered HTTP {r.status_code}: {_server_message(r)}")
-                if r.status_code != 429 and r.status_code < 500:
-                    raise RemoteError(message)
-                failure = _Failure(message, connection=False)
-                retry_after = _retry_after_s(r.headers.get("Retry-After"))
+                else:
+                    try:
+                        return parse(r)
+                    except ValueError as e:
+                        failure = _Failure(self._redact(f"{method} {url} answered HTTP {r.status_code} with no chat "
+                                                        f"completion ({e}): {_start(r.text)}"), connection=False)
             if attempt == attempts:
                 return failure
             delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
@@ -224,6 +231,13 @@ class OpenAIChatGenerator:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _http_failure(self, method: str, url: str, r: httpx.Response) -> _Failure:
+        """A 429 or 5xx answer as a retryable failure; raises ``RemoteError`` on any other 4xx."""
+        message = self._redact(f"{method} {url} answered HTTP {r.status_code}: {_server_message(r)}")
+        if r.status_code != 429 and r.status_code < 500:
+            raise RemoteError(message)
+        return _Failure(message, connection=False)
+
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
 
@@ -232,17 +246,45 @@ def _error_completion(failure: _Failure) -> Completion:
     return Completion(text="", prompt_tokens=0, completion_tokens=0, finish_reason="error", error=failure.message)
 
 
-def _parse_completion(data: dict) -> Completion:
-    choice = data["choices"][0]
-    text = choice["message"].get("content") or ""
-    usage = data.get("usage") or {}
+def _parse_completion(r: httpx.Response) -> Completion:
+    """The completion in a chat completion body; ``ValueError`` saying what is missing when it is none.
+
+    ``choices[0].message.content`` must be a string. ``null`` is accepted only with ``finish_reason``
+    ``length``: a model that spent its whole budget before answering (a reasoning model still thinking)
+    gave an empty answer, which asking again would not change.
+    """
+    try:
+        data = r.json()
+    except ValueError:
+        raise ValueError("the body is not JSON") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ValueError("no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else None
     reason = "length" if choice.get("finish_reason") == "length" else "stop"
-    return Completion(
-        text=text.strip(),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        finish_reason=reason,
-    )
+    if text is None and reason == "length" and isinstance(message, dict):
+        text = ""
+    if not isinstance(text, str):
+        raise ValueError("choices[0].message.content is not a string")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Completion(text=text.strip(), prompt_tokens=_count(usage.get("prompt_tokens")),
+                      completion_tokens=_count(usage.get("completion_tokens")), finish_reason=reason)
+
+
+def _count(value) -> int:
+    """A token count from ``usage``; 0 when absent or not a number (bookkeeping, not worth a retry)."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _start(text: str, n: int = 200) -> str:
+    """The start of a body, on one line, for an error message."""
+    text = " ".join(text.split())
+    return (text[:n] + "...") if len(text) > n else (text or "(empty body)")
 
 
 def _server_message(r: httpx.Response) -> str:
