@@ -86,3 +86,15 @@ def test_completion_log_serves_repeats_and_keeps_no_failures(tiny, tmp_path):
     asked.clear()
     again.chat(convs[:1], SamplingParams(max_new_tokens=9))  # other settings: another completion
     assert asked == [CONVS[0][-1]["content"]]
+
+
+def test_a_prompt_longer_than_the_context_is_cut_and_counted(tiny):
+    """The length guard of every local generation: a prompt that leaves no room for the answer keeps its
+    last tokens (where the reply starts) instead of overflowing the model's positions."""
+    model, tok = tiny
+    gen = LocalGenerator(model, tok, "tiny", batch_size=2)
+    context = model.config.max_position_embeddings
+    huge = "word " * (context + 500)
+    out = gen.chat([[{"role": "user", "content": huge}], CONVS[0]], SamplingParams(max_new_tokens=8))
+    assert gen.truncated_prompts == 1
+    assert out[0].prompt_tokens == context - 8 and out[1].prompt_tokens < 50

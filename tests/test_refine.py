@@ -18,6 +18,7 @@ import raftune.models
 import raftune.refine
 from raftune.files import read_jsonl_log
 from raftune.generation import Completion
+import raftune.refine as refine_module
 from raftune.refine import MergeError, RefineConfig, merge, refine
 
 
@@ -418,3 +419,35 @@ def test_judge_errors_fail_the_sample_with_local_original_and_fusion(tmp_path, t
     run = refine(cfg, progress=False)
     assert {re.search(r"function_\d+", p).group(0) for p in server.requests} == judged_questions
     assert len(read_rows(run / "fused.jsonl")) == 8
+
+
+def test_a_sample_too_long_for_the_model_is_kept_unrefined_and_counted(tmp_path, tiny_model_dir, monkeypatch):
+    """The length guard of stage 1: a sample whose question and answer exceed the input budget is not sent
+    to any model; it keeps its original answer as original_too_long, counted in the summary."""
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"What is q{i}?", "answer": f"a{i} " * (400 if i == 2 else 3)} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asked = []
+    real_open = refine_module.open_generator
+
+    def spy(spec, **kw):
+        gen = real_open(spec, **kw)
+        real_chat = gen.chat
+
+        def chat(conversations, params):
+            asked.extend(c[-1]["content"] for c in conversations)
+            return real_chat(conversations, params)
+
+        gen.chat = chat
+        return gen
+
+    monkeypatch.setattr(refine_module, "open_generator", spy)
+    cfg = RefineConfig(data=str(data), out_dir=str(tmp_path / "runs"), model=str(tiny_model_dir), judges=(str(tiny_model_dir),),
+                       max_new_tokens=4, judge_max_new_tokens=4, rounds=1, tau=-1.0, test_fraction=0.0, device="cpu",
+                       max_input_tokens=100)
+    run = refine(cfg, progress=False)
+    fused = [json.loads(l) for l in (run / "fused.jsonl").read_text().splitlines()]
+    long = [r for r in fused if r["source"] == "original_too_long"]
+    assert len(long) == 1 and long[0]["answer"] == rows[2]["answer"].strip()
+    assert not any(rows[2]["answer"][:50] in a for a in asked)  # never sent to a model
+    assert json.loads((run / "summary.json").read_text())["chosen_source"]["original_too_long"] == 1

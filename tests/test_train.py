@@ -399,3 +399,15 @@ def test_distill_learns_toward_another_teacher_model(tmp_path, tiny_model_dir):
                  progress=False)
     assert [r for r in metrics(own) if "lr" in r][0]["kl"] < 1e-4
     assert [r for r in metrics(away) if "lr" in r][0]["kl"] > 1e-3
+
+
+def test_a_prompt_that_leaves_no_room_for_an_answer_is_skipped_and_counted(tmp_path, tiny_model_dir):
+    data = write_fused(tmp_path / "long.jsonl")
+    with open(data, "a") as f:
+        f.write(json.dumps({"question": "Why? " * 400, "answer": "Because.", "original_answer": "So."}) + "\n")
+    run = train(cfg(tmp_path, tiny_model_dir, method="raft", max_len=128, max_steps=1, data=str(data)), progress=False)
+    assert json.loads((run / "config.json").read_text())["skipped_too_long"] == {"train": 1, "eval": 0}
+    with open(data, "w") as f:
+        f.write(json.dumps({"question": "Why? " * 400, "answer": "Because.", "original_answer": "So."}) + "\n")
+    with pytest.raises(ValueError, match="every sample's prompt is longer than max_len=128"):
+        train(cfg(tmp_path, tiny_model_dir, method="sft", max_len=128, max_steps=1, name="x", data=str(data)), progress=False)

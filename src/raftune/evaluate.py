@@ -538,6 +538,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
                    "run_dir": str(run), "complete": complete}
         if failed:
             results["failed"] = failed
+        if cut := sum(getattr(g, "truncated_prompts", 0) for g in [model, *judges, base] if g is not None):
+            results["truncated_prompts"] = cut  # the length guard: prompts cut to fit a local model's context
         if base_results is not None:
             results["retention"] = retention(summaries, base_results)
         atomic_write_json(run / "results.json", results)

@@ -110,6 +110,9 @@ class RefineConfig:
     seed: int = 0
     test_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = field(default=0.1, metadata={"help": "held-out share, never refined"})
     limit: Positive | None = field(default=None, metadata={"help": "refine only the first N training samples"})
+    max_input_tokens: Positive | None = field(default=None, metadata={
+        "help": "question + answer tokens a sample may have to be refined; a longer one keeps its original answer, "
+                "counted as original_too_long (default: the original model's context minus two generations)"})
     question_field: str = "question"
     answer_field: str = "answer"
     messages_field: str = "messages"
@@ -301,6 +304,46 @@ def _sdft_records(batch, rewrites, secs: Counter, tokens: Counter) -> list[dict]
     return records
 
 
+# --- the length guard ------------------------------------------------------------------------------
+
+SERVER_CONTEXT = 32_768  # a server's context is not known here: a common size, and a budget that never stalls
+CHARS_PER_TOKEN = 3  # a server's tokenizer is not known here either: a cautious estimate of its tokens
+
+
+def input_budget(cfg: RefineConfig, original: Generator):
+    """(budget, count): the tokens a sample's question + answer may take, and a token counter for text.
+    The fusion prompt holds the question, the answer and the rewrite, and must leave room for its
+    own output: so the model's context minus two generations and the template's words."""
+    tok, model = getattr(original, "tokenizer", None), getattr(original, "model", None)
+    if tok is not None and model is not None:
+        context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or SERVER_CONTEXT
+
+        def count(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        context = SERVER_CONTEXT
+
+        def count(text: str) -> int:
+            return len(text) // CHARS_PER_TOKEN + 1
+    budget = cfg.max_input_tokens or max(1, context - 2 * cfg.max_new_tokens - 256)
+
+    def fits_and_count(text: str) -> int:
+        # a text far beyond the budget is not worth tokenizing (a 1 MB answer takes seconds)
+        return budget + 1 if len(text) > 20 * budget else count(text)
+
+    return budget, fits_and_count
+
+
+def too_long_record(index: int, ex: QAExample, n_tokens: int, budget: int) -> dict:
+    """A sample too long to refine: its original answer, unrefined, and why."""
+    return {
+        "key": ex.key, "index": index, "question": ex.question, "answer": ex.answer, "rewrite": "",
+        "rewrite_finish_reason": None, "similarity": None, "accepted": False, "candidates": [], "rounds_used": 0,
+        "early_stop": False, "best_mean": None, "chosen_round": None, "chosen_source": "original_too_long",
+        "chosen": ex.answer, "input_tokens": n_tokens, "input_budget": budget, "timings_s": {}, "generated_tokens": {},
+    }
+
+
 # --- the stage ------------------------------------------------------------------------------------
 
 
@@ -379,6 +422,7 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
         judges = [open_generator(j, **opts) for j in cfg.judges]
         sem_filter = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device))
     templates = load_templates(cfg.templates)
+    budget, count = input_budget(cfg, original)
 
     columns = [TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -388,7 +432,14 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
             t0 = time.perf_counter()
-            records, batch_failed = refine_batch(batch, cfg, original, fusion, judges, sem_filter, templates)
+            sizes = [count(ex.question) + count(ex.answer) for _, ex in batch]
+            long = [too_long_record(i, ex, n, budget) for (i, ex), n in zip(batch, sizes) if n > budget]
+            for r in long:
+                log.warning("sample %s: %d tokens of question and answer, over the budget of %d: kept unrefined "
+                            "(original_too_long)", r["key"], r["input_tokens"], budget)
+            fit = [b for b, n in zip(batch, sizes) if n <= budget]
+            records, batch_failed = refine_batch(fit, cfg, original, fusion, judges, sem_filter, templates) if fit else ([], [])
+            records = long + records
             append_jsonl(records_path, records)  # the batch is durable before it counts as done
             failed += batch_failed  # not in the log: the next run with the same settings retries them
             for f in batch_failed:

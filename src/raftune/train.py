@@ -361,7 +361,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # FSDP: load on the CPU, and sharding puts each process's shard on its device
     model, teacher, tok = build_models(cfg, torch.device("cpu") if fsdp else acc.device)
     spec = cfg.resolve(tok)
-    atomic_write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "resolved": dataclasses.asdict(spec)})
+    # --- length guard: a prompt that leaves no room for an answer (or a rollout) is skipped and counted
+    train_set, too_long = _fitting(train_set, tok, cfg, spec, model.lm)
+    eval_set, eval_too_long = _fitting(eval_set, tok, cfg, spec, model.lm)
+    if too_long or eval_too_long:
+        log.warning("skipped %d training and %d held-out samples whose prompt leaves no room for an answer within max_len=%d"
+                    "%s", too_long, eval_too_long, cfg.max_len, " or the model's context" if spec.kl else "")
+    if not train_set:
+        raise ValueError(f"{cfg.data}: every sample's prompt is longer than max_len={cfg.max_len} tokens")
+    atomic_write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "resolved": dataclasses.asdict(spec),
+                                            "skipped_too_long": {"train": too_long, "eval": eval_too_long}})
     if fsdp:
         shard(model, acc.device.type, mixed_precision=bf16)
         if teacher is not None:
@@ -603,6 +612,19 @@ def _kl_loss(cfg, spec, model, teacher, tok, batch, prompts, traj, tmask, refs, 
     kl_tok = model("kl", s_ids.to(acc.device), s_attn.to(acc.device), pos=s_pos.to(acc.device), mask=mask, t_logp=t_logp,
                    t_idx=t_idx, chunk=cfg.loss_chunk, temperature=cfg.kl_temperature, direction=cfg.kl_direction)
     return losses.reduce_step(kl_tok, mask, n_kl), int(s_attn.sum() + t_attn.sum())
+
+
+def _fitting(examples: list[QAExample], tok, cfg: TrainConfig, spec: Method, lm) -> tuple[list[QAExample], int]:
+    """The examples whose chat prompt leaves room for at least one answer token within ``max_len`` and,
+    with a KL term, for the whole rollout within the model's context; and how many were left out."""
+    context = getattr(lm.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    room = min(cfg.max_len - 1, context - cfg.rollout_max_new_tokens if spec.kl and context else cfg.max_len - 1)
+    kept = []
+    for ex in examples:
+        # a question far beyond the budget is not worth tokenizing
+        if len(ex.question) + len(ex.system or "") <= 20 * room and len(chat_prompt_ids(tok, ex.question, ex.system)) <= room:
+            kept.append(ex)
+    return kept, len(examples) - len(kept)
 
 
 def _replay_examples(replay_set: list[QAExample], cfg: TrainConfig, micro_index: int, n_domain: int) -> list[QAExample]:

@@ -1,12 +1,15 @@
 """The local backend: a transformers model in this process, decoding through the ``DecodeEngine``."""
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
 
 from raftune.generation.base import Completion, Messages, SamplingParams
 from raftune.generation.engine import engine_for
+
+log = logging.getLogger("raftune.generation.local")
 
 
 class LocalGenerator:
@@ -25,7 +28,23 @@ class LocalGenerator:
             tokenizer.pad_token = tokenizer.eos_token
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        self.truncated_prompts = 0  # the length guard's count (see _fit)
         self.engine = engine_for(model, pad_id=tokenizer.pad_token_id, eos_ids=self.eos_ids, compile=compile)
+
+    def _fit(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The length guard: a prompt that leaves no room for ``max_new_tokens`` within the model's context
+        keeps its last tokens (the chat template's end, where the reply starts); counted in
+        ``truncated_prompts`` and logged."""
+        context = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if not context:
+            return prompts
+        room = max(1, context - max_new_tokens)
+        cut = [p[-room:] if len(p) > room else p for p in prompts]
+        if n := sum(len(p) > room for p in prompts):
+            self.truncated_prompts += n
+            log.warning("%s: %d prompt(s) longer than its context (%d tokens) minus %d new tokens were cut to their last "
+                        "%d tokens", self.name, n, context, max_new_tokens, room)
+        return cut
 
     def chat(self, conversations: Sequence[Messages], params: SamplingParams) -> list[Completion]:
         out: list[Completion] = []
@@ -41,6 +60,7 @@ class LocalGenerator:
             raise ValueError("either every conversation of a call ends with an assistant reply prefix or none does")
         prompts = tok.apply_chat_template(list(conversations), add_generation_prompt=not cont, continue_final_message=cont,
                                           tokenize=True, return_dict=True)["input_ids"]
+        prompts = self._fit(prompts, params.max_new_tokens)
         if params.seed is not None:
             torch.manual_seed(params.seed + offset)  # each batch of a call draws its own, reproducible stream
         gen = self.engine.generate(prompts, params.max_new_tokens, params.temperature, params.top_p,
