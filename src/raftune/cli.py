@@ -271,9 +271,9 @@ def train(
 
     _setup_logging(verbose)
     try:
-        cfg = build_config(TrainConfig, config, **_overrides(set_), data=data, method=method, model=model,
-                           out_dir=out_dir, lora=lora, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
-                           grad_accum=grad_accum, lr=lr, eval_data=eval_data, device=device)
+        named = dict(data=data, method=method, model=model, out_dir=out_dir, lora=lora, max_steps=max_steps, epochs=epochs,
+                     batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_data=eval_data, device=device)
+        cfg = build_config(TrainConfig, config, **{**_overrides(set_), **{k: v for k, v in named.items() if v is not None}})
         run = run_train(cfg)
     except _stage_errors() as e:
         fail(e)

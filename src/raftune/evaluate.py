@@ -497,6 +497,25 @@ def eval_weights(model: Generator, base: Generator, run: Path) -> tuple[dict, li
 
 # --- the run ---------------------------------------------------------------------------------------------
 
+def check_suite_data(cfg: EvalConfig) -> None:
+    """Every suite's data is read before any suite runs: a bad file fails the start, not the third suite an
+    hour later (each loader raises a DataError naming the file, line and field)."""
+    from raftune.data import load_qa
+    from raftune.forgetting import load_general_prompts
+    from raftune.ifeval import load_ifeval
+    from raftune.mmlu import load_mmlu
+
+    if "domain" in cfg.suites:
+        load_qa(cfg.domain_data, limit=cfg.domain_limit)
+    if "ifeval" in cfg.suites:
+        load_ifeval(cfg.ifeval_data)
+    if "mmlu" in cfg.suites:
+        subjects = list(cfg.mmlu_subjects) if cfg.mmlu_subjects is not None else None
+        load_mmlu(cfg.mmlu_folder, "test", subjects=subjects, limit_per_subject=1)
+    if {"general", "drift"} & set(cfg.suites):
+        load_general_prompts(cfg.general_data, limit=cfg.general_limit)
+
+
 def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
     """Run ``cfg.suites`` and write the run folder; returns its path. Resumes a stopped run of the same
     settings: suites in its results.json are kept, and logged completions are not asked again.
@@ -509,6 +528,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
             base_results = json.loads(Path(cfg.base_results).read_text(encoding="utf-8"))["suites"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{cfg.base_results}: not a readable eval results.json ({type(e).__name__}: {e})") from None
+    check_suite_data(cfg)
     run = run_dir_for(cfg)
     run.mkdir(parents=True, exist_ok=True)
     summaries = _finished_suites(run, cfg)

@@ -109,7 +109,7 @@ def _describe(error: dict) -> str:
     shown = repr(value) if not isinstance(value, (dict, list, tuple)) or len(repr(value)) < 60 else type(value).__name__
     if kind == "unexpected_keyword_argument":
         return "unknown setting"
-    if kind == "missing_argument":
+    if kind in ("missing", "missing_argument"):
         return "required, not given"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
