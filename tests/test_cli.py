@@ -1,7 +1,10 @@
-"""The command line: flags and YAML map onto configs; bad input ends with a clear message, exit code 2."""
+"""The command line: flags and YAML map onto configs; bad input ends with a clear message, exit code 2;
+a failed run exits 1, an interrupted one 130."""
 import json
+import logging
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from raftune.cli import app
@@ -64,3 +67,108 @@ def test_templates_and_demo_commands(tmp_path):
     assert result.exit_code == 0
     rows = [json.loads(l) for l in demo.read_text().splitlines()]
     assert len(rows) >= 1000 and {"question", "answer"} <= set(rows[0])
+
+
+# --- what a run says when it is interrupted, fails or logs; config files of the wrong kind
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """The commands set up logging for a process (root handler, levels); the tests after these keep theirs."""
+    names = ("", "raftune", "huggingface_hub", "transformers")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate) for n in names}
+    yield
+    for n, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(n)
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
+RUN_CONFIG = "refine:\n  data: demo\n  limit: 8\ntrain:\n  max_steps: 2\nmethods: [raft, sft]\n"
+
+
+@pytest.mark.parametrize("command", ["refine", "train", "eval"])
+def test_a_run_config_given_to_a_stage_says_to_use_run(tmp_path, command):
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(RUN_CONFIG)
+    result = runner.invoke(app, [command, "--config", str(cfg)])
+    out = unboxed(result.output)
+    assert result.exit_code == 2, result.output
+    assert unboxed(f"`raftune {command} --config` takes a flat file of {command} settings") in out, result.output
+    assert unboxed(f"raftune run --config {cfg}") in out and "unknownsetting" not in out
+
+
+def test_templates_out_creates_missing_folders_and_refuses_a_file_in_the_way(tmp_path):
+    out = tmp_path / "new" / "folder" / "t.yaml"
+    result = runner.invoke(app, ["templates", "--out", str(out)])
+    assert result.exit_code == 0 and "reply_prefix: 'Score:'" in out.read_text()
+    result = runner.invoke(app, ["templates", "--out", str(out / "x.yaml")])  # t.yaml is a file, not a folder
+    assert result.exit_code == 2, result.output  # no traceback: that would be exit 1
+    assert unboxed(f"cannot write {out / 'x.yaml'}: a part of its folder path is a file") in unboxed(result.output)
+
+
+STAGES = {  # command line, and the stage function it calls
+    "refine": (["refine", "--data", "demo"], "raftune.refine.refine"),
+    "train": (["train", "--data", "fused.jsonl"], "raftune.train.train"),
+    "eval": (["eval", "--model", "default", "--domain-data", "heldout.jsonl"], "raftune.evaluate.evaluate"),
+    "run": (["run", "--data", "demo"], "raftune.pipeline.run_pipeline"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(STAGES))
+def test_ctrl_c_says_what_is_saved_and_exits_130(monkeypatch, command):
+    args, target = STAGES[command]
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    [line] = [l for l in result.output.splitlines() if l.strip()]
+    assert line.startswith("interrupted: ") and line.endswith("run the same command again to resume"), line
+
+
+def test_failed_generations_exit_1_with_one_line(monkeypatch):
+    from raftune.generation import GenerationFailed
+
+    def failing(cfg, **kw):
+        raise GenerationFailed("refine: 2 of 8 samples failed\n(first: HTTP 503)", "runs/refine-x", [])
+
+    monkeypatch.setattr("raftune.refine.refine", failing)
+    result = runner.invoke(app, ["refine", "--data", "demo"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == "error: refine: 2 of 8 samples failed (first: HTTP 503)"
+
+
+def test_train_logs_its_processes_in_words(tmp_path, tiny_model_dir):
+    data = tmp_path / "fused.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}."}) + "\n" for i in range(4)))
+    result = runner.invoke(app, ["train", "--method", "sft", "--data", str(data), "--model", str(tiny_model_dir), "--out-dir",
+                                 str(tmp_path / "runs"), "--max-steps", "1", "--batch-size", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "sft on cpu, 1 process" in result.output and "process(es)" not in result.output, result.output
+
+
+def reached_handlers(name: str) -> list[logging.Handler]:
+    """The handlers a record of logger ``name`` goes through."""
+    logger, found = logging.getLogger(name), []
+    while logger is not None:
+        found += logger.handlers
+        logger = logger.parent if logger.propagate else None
+    return found
+
+
+def test_verbose_is_raftune_debug_only_and_every_record_prints_once():
+    from raftune.cli import _setup_logging
+
+    _setup_logging(verbose=True)
+    assert logging.getLogger("raftune.train").isEnabledFor(logging.DEBUG)
+    for lib in ("matplotlib", "matplotlib.font_manager", "PIL.PngImagePlugin", "fsspec", "urllib3", "httpx"):
+        assert not logging.getLogger(lib).isEnabledFor(logging.INFO), lib
+    # a hub retry warning went through huggingface_hub's own stderr handler and ours
+    for name in ("huggingface_hub.utils._http", "transformers.modeling_utils", "raftune.train"):
+        assert len(reached_handlers(name)) == 1, (name, reached_handlers(name))
+    _setup_logging(verbose=False)
+    assert logging.getLogger("raftune.train").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("raftune.train").isEnabledFor(logging.DEBUG)

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, NoReturn, Optional
 
 import typer
 import yaml
@@ -38,13 +38,20 @@ def fail(error) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+    """Every record printed once, by one RichHandler: raftune's own from INFO (DEBUG with -v), other
+    libraries' from WARNING, also with -v (matplotlib, PIL, fsspec, urllib3 would bury ours in debug lines)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("raftune").setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import huggingface_hub.utils.logging  # noqa: F401  (its import gives its logger a stderr handler)
     from transformers.utils import logging as hf_logging
 
+    # huggingface_hub and transformers print through stderr handlers of their own: a hub retry warning
+    # came out twice (theirs and ours). Theirs go; their records reach ours.
+    logging.getLogger("huggingface_hub").handlers.clear()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would bury our own progress
     # peft asks transformers for a renamed attribute on every LoRA set-up; nothing a user can act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -61,6 +68,22 @@ def _load_yaml(path: Optional[Path]) -> dict:
         raise typer.BadParameter(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise typer.BadParameter(f"{path}: expected a mapping of settings")
+    return raw
+
+
+RUN_SECTIONS = ("refine", "train", "methods", "eval")  # the sections of a `raftune run` config
+
+
+def _load_flat(path: Optional[Path], cls) -> dict:
+    """The settings of ``cls`` (a stage config) from a flat YAML file; a sectioned `raftune run` config
+    is refused with a message that says so, not with one 'unknown setting' per section."""
+    raw = _load_yaml(path)
+    command = cls.__name__.removesuffix("Config").lower()  # RefineConfig -> refine
+    if sections := [k for k in raw if k in RUN_SECTIONS and k not in {f.name for f in dataclasses.fields(cls)}]:
+        raise typer.BadParameter(
+            f"{path} has sections ({', '.join(sections)}): it is a `raftune run` config; `raftune {command} --config` "
+            f"takes a flat file of {command} settings. Run it with `raftune run --config {path}`, or put its "
+            f"{command} settings at the top level of a file of their own.")
     return raw
 
 
@@ -111,7 +134,7 @@ def build_config(cls, yaml_path: Optional[Path], **flags):
     setting is type-checked (``raftune.settings``) before anything runs."""
     from raftune.settings import build
 
-    values = _load_yaml(yaml_path)
+    values = _load_flat(yaml_path, cls)
     given = {k: v for k, v in flags.items() if v is not None}
     values.update(given)
     try:
@@ -120,34 +143,53 @@ def build_config(cls, yaml_path: Optional[Path], **flags):
         raise typer.BadParameter(config_error(yaml_path, e, given)) from None
 
 
+# Option help shared by several commands. A default is written "(default: X)", never "[X]": rich reads
+# "[x]" as markup and drops it. The defaults are those of RefineConfig, TrainConfig and EvalConfig
+# (tests/test_cli_help.py checks them).
+_MODEL_SPEC = "'default' (the embedded SmolLM2-135M-Instruct), a folder, a .gguf, a hub id or a server http(s)://host:port/v1#model"
+_JUDGE_HELP = "a judge (repeat for several): any model that --model takes (default: default)"
+_CONFIG_HELP = "flat YAML file of {stage} settings; flags override it; a sectioned config is for `raftune run` (default: none)"
+_DEVICE_HELP = "cpu, cuda, cuda:1 or mps (default: auto: cuda, else mps, else cpu)"
+_DTYPE_HELP = "bf16, fp16 or fp32 (default: auto: bf16 on CUDA, fp32 elsewhere)"
+_VERBOSE_HELP = "debug logging of raftune (other libraries stay at warnings)"
+# train.METHODS, written out: importing train (torch) would slow every `raftune --help` by seconds;
+# tests/test_cli_help.py fails when a method is missing here
+_METHODS_HELP = "raft, or a baseline: sft, onpolicy, distill, talr, l2sp, replay (needs replay_data)"
+
+
 @app.command()
 def refine(
-    data: Optional[str] = typer.Option(None, help="'demo', a JSONL/JSON/CSV/Parquet file (.gz too), a datasets folder or a hub id"),
-    config: Optional[Path] = typer.Option(None, help="YAML file of refine settings (flags override it)"),
-    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders [runs]"),
-    model: Optional[str] = typer.Option(None, help="original model: 'default', folder, .gguf or hub id"),
-    fusion_model: Optional[str] = typer.Option(None, help="fusion model [the original model]"),
-    judge: Optional[list[str]] = typer.Option(None, help="a judge (repeat for several): model spec or http(s)://host:port/v1#model"),
-    encoder: Optional[str] = typer.Option(None, help="sentence encoder [embedded all-MiniLM-L6-v2]"),
-    templates: Optional[str] = typer.Option(None, help="YAML file overriding prompt templates (see `raftune templates`)"),
+    data: Optional[str] = typer.Option(None, help="'demo', a JSONL/JSON/CSV/Parquet file (.gz too), a datasets folder or a hub id "
+                                                  "(required, here or in --config)"),
+    config: Optional[Path] = typer.Option(None, help=_CONFIG_HELP.format(stage="refine")),
+    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders (default: runs)"),
+    model: Optional[str] = typer.Option(None, help=f"original model, which rewrites: {_MODEL_SPEC} (default: default)"),
+    fusion_model: Optional[str] = typer.Option(None, help="fusion model: any model that --model takes (default: the original model)"),
+    judge: Optional[list[str]] = typer.Option(None, help=_JUDGE_HELP),
+    encoder: Optional[str] = typer.Option(None, help="sentence encoder of the semantic filter: a folder or hub id "
+                                                     "(default: default, the embedded all-MiniLM-L6-v2)"),
+    templates: Optional[str] = typer.Option(None, help="YAML file overriding prompt templates (see `raftune templates`) "
+                                                       "(default: the built-in ones)"),
     mode: Optional[str] = typer.Option(None, help="raft, or sdft: the SDFT baseline's data (the model's own rewrites; "
-                                                  "one that leaks the prompt keeps the original) [raft]"),
-    tau: Optional[float] = typer.Option(None, help="similarity threshold [0.8, inferred]"),
-    rounds: Optional[int] = typer.Option(None, help="fusion rounds R [3, inferred]"),
-    gamma: Optional[float] = typer.Option(None, help="early-stop judge average [8, inferred]"),
-    limit: Optional[int] = typer.Option(None, help="refine only the first N training samples"),
-    batch_size: Optional[int] = typer.Option(None, help="samples per generation batch [16]"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="length cap of rewrites and fusions [256]"),
-    shard: Optional[str] = typer.Option(None, help="I/N: refine the I-th of N shards (then `raftune merge`)"),
-    seed: Optional[int] = typer.Option(None),
-    question_field: Optional[str] = typer.Option(None),
-    answer_field: Optional[str] = typer.Option(None),
-    messages_field: Optional[str] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps [auto]"),
-    dtype: Optional[str] = typer.Option(None, help="bf16, fp16, fp32 [bf16 on CUDA, fp32 elsewhere]"),
-    concurrency: Optional[int] = typer.Option(None, help="requests in flight per remote server [8]"),
-    api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the servers' API key [RAFTUNE_API_KEY]"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+                                                  "one that leaks the prompt keeps the original) (default: raft)"),
+    tau: Optional[float] = typer.Option(None, help="similarity threshold of the semantic filter, in [-1, 1] (default: 0.8, inferred)"),
+    rounds: Optional[int] = typer.Option(None, help="fusion rounds R (default: 3, inferred)"),
+    gamma: Optional[float] = typer.Option(None, help="early-stop average judge score, in [1, 10] (default: 8, inferred)"),
+    limit: Optional[int] = typer.Option(None, help="refine only the first N training samples (default: all)"),
+    batch_size: Optional[int] = typer.Option(None, help="samples per generation batch (default: 16)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="length cap of rewrites and fusions, in tokens (default: 256)"),
+    shard: Optional[str] = typer.Option(None, help="I/N: refine the I-th of N shards, then `raftune merge` (default: 0/1, all)"),
+    seed: Optional[int] = typer.Option(None, help="seed of the held-out split and of sampling (default: 0)"),
+    question_field: Optional[str] = typer.Option(None, help="the question's field in each record (default: question)"),
+    answer_field: Optional[str] = typer.Option(None, help="the answer's field in each record (default: answer)"),
+    messages_field: Optional[str] = typer.Option(None, help="the field of a chat (a list of messages), read where a record "
+                                                            "has no question and answer (default: messages)"),
+    device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=_DTYPE_HELP),
+    concurrency: Optional[int] = typer.Option(None, help="requests in flight per remote server (default: 8)"),
+    api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the servers' API key "
+                                                         "(default: RAFTUNE_API_KEY)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Stage 1: rewrite, filter, fuse and judge a QA dataset into its fused version."""
     from raftune.refine import RefineConfig, parse_shard
@@ -165,9 +207,8 @@ def refine(
         )
         t0 = time.perf_counter()
         run = run_refine(cfg)
-    except _stage_errors() as e:
-        fail(e)
-        raise typer.Exit(2) from None
+    except (KeyboardInterrupt, *_stage_errors()) as e:
+        _stage_ended(e, saved="the samples refined so far are saved")
     elapsed = time.perf_counter() - t0
     _print_outputs(run, elapsed)
 
@@ -191,7 +232,7 @@ def _print_outputs(run: Path, elapsed: float) -> None:
 
 
 @app.command()
-def merge(run_dir: Path = typer.Argument(..., help="a refine run folder holding shard logs")):
+def merge(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a refine run folder holding shard logs")):
     """Join the shard logs of a refine run in the original order; fail if any sample is missing."""
     from raftune.refine import MergeError
     from raftune.refine import merge as run_merge
@@ -247,25 +288,42 @@ def _stage_errors() -> tuple:
     return (DataError, ModelLoadError, TemplateError, MergeError, ValueError, RuntimeError, FloatingPointError)
 
 
+def _stage_ended(error: BaseException, saved: str = "the work finished so far is saved") -> NoReturn:
+    """End a stage command that raised ``error`` with its exit code: 130 for Ctrl-C (``saved`` says what
+    a rerun picks up), 1 for a run that failed (generations failing after their retries), 2 for bad input."""
+    from raftune.generation import GenerationFailed
+
+    if isinstance(error, KeyboardInterrupt):
+        console.print(f"interrupted: {saved}; run the same command again to resume")
+        raise typer.Exit(130) from None
+    fail(" ".join(str(error).splitlines()) if isinstance(error, GenerationFailed) else error)
+    raise typer.Exit(1 if isinstance(error, GenerationFailed) else 2) from None
+
+
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="training data: a refine run's fused.jsonl or any QA source"),
-    method: Optional[str] = typer.Option(None, help="raft, sft or onpolicy [raft]"),
-    config: Optional[Path] = typer.Option(None, help="YAML file of train settings (flags override it)"),
-    model: Optional[str] = typer.Option(None, help="the model to tune (also the frozen teacher) [default]"),
-    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders [runs]"),
-    lora: Optional[bool] = typer.Option(None, "--lora/--full", help="LoRA adapters (teacher = adapters off) or full fine-tuning"),
-    max_steps: Optional[int] = typer.Option(None),
-    epochs: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    grad_accum: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    eval_data: Optional[str] = typer.Option(None, help="held-out QA data for the domain loss"),
-    device: Optional[str] = typer.Option(None),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="any other setting: --set top_k=256 (repeatable)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    data: Optional[str] = typer.Option(None, help="training data: a refine run's fused.jsonl or any QA source "
+                                                  "(required, here or in --config)"),
+    method: Optional[str] = typer.Option(None, help=f"{_METHODS_HELP} (default: raft)"),
+    config: Optional[Path] = typer.Option(None, help=_CONFIG_HELP.format(stage="train")),
+    model: Optional[str] = typer.Option(None, help="the model to tune, also the frozen teacher: 'default' (the embedded "
+                                                   "SmolLM2-135M-Instruct), a folder, a .gguf or a hub id (default: default)"),
+    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders (default: runs)"),
+    lora: Optional[bool] = typer.Option(None, "--lora/--full", help="LoRA adapters (the teacher: adapters off) or full "
+                                                                    "fine-tuning (default: --full)"),
+    max_steps: Optional[int] = typer.Option(None, help="optimizer steps (default: as many as --epochs make)"),
+    epochs: Optional[float] = typer.Option(None, help="passes over the data, where --max-steps is not given (default: 3)"),
+    batch_size: Optional[int] = typer.Option(None, help="samples per micro-batch and process (default: 16)"),
+    grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step (default: 1)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: 1e-5 full fine-tuning, 2e-4 with LoRA)"),
+    eval_data: Optional[str] = typer.Option(None, help="held-out QA data for the domain loss, e.g. a refine run's "
+                                                       "heldout.jsonl (default: none)"),
+    device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="any other setting of TrainConfig, repeatable: "
+                                                                 "--set top_k=256 (default: none)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
-    """Stage 2: adaptive on-policy distillation (raft) and its special cases (sft, onpolicy)."""
+    """Stage 2: tune a model on the refined data with RAFT (adaptive on-policy distillation) or a baseline."""
     from raftune.train import TrainConfig
     from raftune.train import train as run_train
 
@@ -275,21 +333,24 @@ def train(
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, eval_data=eval_data, device=device)
         cfg = build_config(TrainConfig, config, **{**_overrides(set_), **{k: v for k, v in named.items() if v is not None}})
         run = run_train(cfg)
-    except _stage_errors() as e:
-        fail(e)
-        raise typer.Exit(2) from None
+    except (KeyboardInterrupt, *_stage_errors()) as e:
+        _stage_ended(e, saved="training keeps its last checkpoint (one every save_every steps)")
     print(f"model:   {run / 'model'}")
     print(f"metrics: {run / 'metrics.jsonl'}  (plot: {run / 'training_curves.png'})")
 
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Option(None, help="YAML with sections refine, train, methods"),
-    data: Optional[str] = typer.Option(None, help="dataset (refine.data)"),
-    limit: Optional[int] = typer.Option(None, help="refine and train on the first N training samples (refine.limit)"),
-    method: Optional[list[str]] = typer.Option(None, help="a method to train (repeatable) [raft]"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="any setting: --set train.max_steps=20 (repeatable)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    config: Optional[Path] = typer.Option(None, help="YAML file with sections refine, train, methods and eval; "
+                                                     "flags override it (default: none)"),
+    data: Optional[str] = typer.Option(None, help="dataset, refine.data: 'demo', a file, a datasets folder or a hub id "
+                                                  "(required, here or in --config)"),
+    limit: Optional[int] = typer.Option(None, help="refine and train on the first N training samples, refine.limit "
+                                                   "(default: all)"),
+    method: Optional[list[str]] = typer.Option(None, help=f"a method to train (repeatable): {_METHODS_HELP} (default: raft)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="any setting as SECTION.KEY=VALUE, repeatable: "
+                                                                 "--set train.max_steps=20 (default: none)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Refine, then train every method on the result and report the held-out domain loss."""
     from raftune.pipeline import RunConfig, run_pipeline
@@ -310,9 +371,8 @@ def run(
         except (TypeError, ValueError) as e:
             raise ValueError(config_error(config, e, flagged)) from None
         result = run_pipeline(cfg)
-    except (*_stage_errors(), TypeError) as e:
-        fail(e)
-        raise typer.Exit(2) from None
+    except (KeyboardInterrupt, *_stage_errors(), TypeError) as e:
+        _stage_ended(e)
     refine_dir = Path(result["refine_dir"])
     print(f"refine: {refine_dir / 'fused.jsonl'}  (summary: {refine_dir / 'summary.json'})")
     for m, r in result["methods"].items():
@@ -333,33 +393,40 @@ def _csv(text: Optional[str]) -> Optional[tuple[str, ...]]:
 
 @app.command("eval")
 def eval_cmd(
-    model: Optional[str] = typer.Option(None, help="the model to evaluate: 'default', folder, .gguf, hub id or server"),
-    suite: Optional[str] = typer.Option(None, help="comma-separated: domain,ifeval,mmlu,general,drift,weights"),
-    config: Optional[Path] = typer.Option(None, help="YAML file of eval settings (flags override it)"),
-    base_model: Optional[str] = typer.Option(None, help="the model before tuning, for drift and weights [default]"),
-    base_results: Optional[str] = typer.Option(None, help="the base model's results.json: adds retention"),
-    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders [runs]"),
-    name: Optional[str] = typer.Option(None, help="run folder eval-<name> [eval-<hash>]"),
-    domain_data: Optional[str] = typer.Option(None, help="held-out QA data, e.g. runs/refine-<hash>/heldout.jsonl"),
-    domain_limit: Optional[int] = typer.Option(None),
-    judge: Optional[list[str]] = typer.Option(None, help="a judge (repeat for several): model spec or http(s)://host:port/v1#model"),
-    ifeval_data: Optional[str] = typer.Option(None, help="IFEval input_data.jsonl"),
-    ifeval_limit: Optional[int] = typer.Option(None),
-    mmlu_folder: Optional[str] = typer.Option(None, help="MMLU folder with dev/ and test/ CSVs"),
-    mmlu_subjects: Optional[str] = typer.Option(None, help="comma-separated subjects [all]"),
-    mmlu_limit_per_subject: Optional[int] = typer.Option(None),
-    mmlu_shots: Optional[int] = typer.Option(None, help="few-shot examples from dev [0]"),
-    mmlu_form: Optional[str] = typer.Option(None, help="cloze or letter [cloze]"),
-    general_data: Optional[str] = typer.Option(None, help="general prompts: MT-Bench question.jsonl, AlpacaEval, ..."),
-    general_limit: Optional[int] = typer.Option(None),
-    general_mode: Optional[str] = typer.Option(None, help="score (1-10 per answer) or pairwise (vs the base model) [score]"),
-    general_aggregate: Optional[str] = typer.Option(None, help="combining the judges: mean or majority [mean]"),
-    templates: Optional[str] = typer.Option(None, help="YAML file overriding judge templates (see `raftune templates`)"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="length cap of generated answers [256]"),
-    batch_size: Optional[int] = typer.Option(None, help="samples per batch [16]"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, mps [auto]"),
-    dtype: Optional[str] = typer.Option(None, help="bf16, fp16, fp32 [bf16 on CUDA, fp32 elsewhere]"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    model: Optional[str] = typer.Option(None, help=f"the model to evaluate: {_MODEL_SPEC} (required, here or in --config)"),
+    suite: Optional[str] = typer.Option(None, help="suites, comma-separated (domain,ifeval): domain, ifeval, mmlu, general, "
+                                                   "drift, weights (default: domain)"),
+    config: Optional[Path] = typer.Option(None, help=_CONFIG_HELP.format(stage="eval")),
+    base_model: Optional[str] = typer.Option(None, help="the model before tuning, for drift, weights and pairwise "
+                                                        "(default: default)"),
+    base_results: Optional[str] = typer.Option(None, help="the base model's results.json: adds retention (default: none)"),
+    out_dir: Optional[str] = typer.Option(None, help="parent folder of run folders (default: runs)"),
+    name: Optional[str] = typer.Option(None, help="names the run folder eval-<name> (default: eval-<hash>)"),
+    domain_data: Optional[str] = typer.Option(None, help="held-out QA data, needed by suite domain: a refine run's "
+                                                         "heldout.jsonl (default: none)"),
+    domain_limit: Optional[int] = typer.Option(None, help="the first N domain samples (default: all)"),
+    judge: Optional[list[str]] = typer.Option(None, help=_JUDGE_HELP),
+    ifeval_data: Optional[str] = typer.Option(None, help="IFEval's input_data.jsonl, needed by suite ifeval (default: none)"),
+    ifeval_limit: Optional[int] = typer.Option(None, help="the first N IFEval prompts (default: all)"),
+    mmlu_folder: Optional[str] = typer.Option(None, help="MMLU folder with dev/ and test/ CSVs, needed by suite mmlu "
+                                                         "(default: none)"),
+    mmlu_subjects: Optional[str] = typer.Option(None, help="comma-separated subjects (default: all)"),
+    mmlu_limit_per_subject: Optional[int] = typer.Option(None, help="the first N questions of each subject (default: all)"),
+    mmlu_shots: Optional[int] = typer.Option(None, help="few-shot examples from dev (default: 0)"),
+    mmlu_form: Optional[str] = typer.Option(None, help="cloze or letter (default: cloze)"),
+    general_data: Optional[str] = typer.Option(None, help="general prompts, needed by suites general and drift: "
+                                                          "MT-Bench question.jsonl, AlpacaEval, ... (default: none)"),
+    general_limit: Optional[int] = typer.Option(None, help="the first N general prompts (default: all)"),
+    general_mode: Optional[str] = typer.Option(None, help="score (1-10 per answer) or pairwise (vs the base model) "
+                                                          "(default: score)"),
+    general_aggregate: Optional[str] = typer.Option(None, help="combining the judges: mean or majority (default: mean)"),
+    templates: Optional[str] = typer.Option(None, help="YAML file overriding judge templates (see `raftune templates`) "
+                                                       "(default: the built-in ones)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="length cap of generated answers, in tokens (default: 256)"),
+    batch_size: Optional[int] = typer.Option(None, help="samples per batch (default: 16)"),
+    device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=_DTYPE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Evaluate a model: D-Acc, IFEval, MMLU, judged general QA, drift, weight distance, retention."""
     import json
@@ -367,7 +434,7 @@ def eval_cmd(
     from raftune.evaluate import EvalConfig, evaluate
 
     _setup_logging(verbose)
-    if model is None and "model" not in _load_yaml(config):
+    if model is None and "model" not in _load_flat(config, EvalConfig):
         raise typer.BadParameter("--model is required: 'default', a model folder, a .gguf file, a hub id or a server")
     try:
         cfg = build_config(
@@ -380,9 +447,8 @@ def eval_cmd(
             max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
         )
         run = evaluate(cfg)
-    except _stage_errors() as e:
-        fail(e)
-        raise typer.Exit(2) from None
+    except (KeyboardInterrupt, *_stage_errors()) as e:
+        _stage_ended(e, saved="the answers and judge replies so far are saved")
     results = json.loads((run / "results.json").read_text())
     for suite_name, summary in results["suites"].items():
         shown = {k: v for k, v in summary.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
@@ -396,8 +462,9 @@ def eval_cmd(
 
 @app.command()
 def compare(
-    runs: list[Path] = typer.Argument(..., help="eval run folders (or their results.json)"),
-    label: Optional[list[str]] = typer.Option(None, help="a label per run, in order (label runs base and sft for retention and deltas)"),
+    runs: list[Path] = typer.Argument(..., metavar="RUN", help="eval run folders (or their results.json), one or more"),
+    label: Optional[list[str]] = typer.Option(None, help="a label per run, in order (label runs base and sft for retention "
+                                                         "and deltas) (default: the folder names without eval-)"),
     out: Path = typer.Option(Path("runs/compare"), help="folder for comparison.md, comparison.json and plots"),
 ):
     """Evaluation runs side by side: Table 1 (scores, change vs SFT) and Table 4 (retention vs base)."""
@@ -413,27 +480,50 @@ def compare(
     print(f"\nwritten: {out / 'comparison.md'}, {out / 'comparison.json'}" + "".join(f", {p}" for p in table["plots"]))
 
 
+def _cannot_write(path: Path, error: OSError) -> NoReturn:
+    if isinstance(error, IsADirectoryError):
+        reason = "it is a folder; give a file name"
+    elif isinstance(error, (FileExistsError, NotADirectoryError)):  # mkdir of the parents met a file
+        reason = "a part of its folder path is a file, not a folder"
+    else:
+        reason = error.strerror or str(error)
+    fail(f"cannot write {path}: {reason}")
+    raise typer.Exit(2) from None
+
+
 @app.command()
-def demo(out: Path = typer.Option(Path("demo.jsonl"), help="where to write the demo dataset")):
+def demo(out: Path = typer.Option(Path("demo.jsonl"), help="where to write the demo dataset (missing folders are created)")):
     """Write the built-in demo domain (Python standard library QA) as JSONL."""
     from raftune.demo import write_demo
 
-    n = write_demo(out)
+    try:
+        n = write_demo(out)
+    except OSError as e:
+        _cannot_write(out, e)
     print(f"wrote {n} question/answer pairs to {out}")
 
 
 @app.command("templates")
 def templates_cmd(
-    out: Optional[Path] = typer.Option(None, help="write the templates here as YAML (default: print)"),
-    templates: Optional[str] = typer.Option(None, help="show these overrides applied"),
+    out: Optional[Path] = typer.Option(None, help="write the templates to this YAML file, creating missing folders "
+                                                  "(default: print them)"),
+    templates: Optional[str] = typer.Option(None, help="a YAML file of overrides, shown applied (default: none)"),
 ):
     """Show the prompt templates (refine: rewrite, fuse, judge; eval: domain_judge, general_judge, pairwise_judge);
     edit the YAML and pass it with --templates to `refine` or `eval`."""
-    from raftune.templates import dump_templates, load_templates
+    from raftune.files import atomic_write_text
+    from raftune.templates import TemplateError, dump_templates, load_templates
 
-    text = dump_templates(load_templates(templates))
+    try:
+        text = dump_templates(load_templates(templates))
+    except TemplateError as e:
+        fail(e)
+        raise typer.Exit(2) from None
     if out:
-        out.write_text(text, encoding="utf-8")
+        try:
+            atomic_write_text(out, text)  # creates the missing folders
+        except OSError as e:
+            _cannot_write(out, e)
         print(f"wrote {out}")
     else:
         sys.stdout.write(text)
@@ -449,7 +539,7 @@ def fapm(
     out: Path = typer.Option(..., help="folder for the pruned model (replaced if it exists)"),
     base: str = typer.Option("default", help=_BASE_HELP),
     keep: float = typer.Option(0.1, help="fraction of each parameter's change W_ft - W_0 kept, in (0, 1]"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """FAPM: keep the changes of each parameter that least risk forgetting, prune the rest back to the base."""
     from raftune.posthoc import fapm as run_fapm
@@ -469,7 +559,7 @@ def wise(
     out: Path = typer.Option(..., help="parent folder of one model folder wise-<alpha> per alpha (each replaced if it exists)"),
     base: str = typer.Option("default", help=_BASE_HELP),
     alpha: list[float] = typer.Option([0.5], help="weight a of the tuned model in (1 - a) W_0 + a W_ft, in [0, 1] (repeatable)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """WiSE-FT: average the base and the tuned weights, one model per alpha."""
     from raftune.posthoc import wise as run_wise

@@ -341,7 +341,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     fsdp = (cfg.fsdp or acc.distributed_type == DistributedType.FSDP) and acc.num_processes > 1
     if cfg.fsdp and not fsdp:
         log.warning("fsdp asked for with a single process: nothing to shard over; training unsharded")
-    log.info("%s on %s, %d process(es), %s", cfg.method, acc.device, acc.num_processes, "fsdp" if fsdp else acc.distributed_type.value)
+    log.info("%s on %s, %s", cfg.method, acc.device, "1 process" if acc.num_processes == 1 else f"{acc.num_processes} processes, "
+             f"{'FSDP' if fsdp else 'DDP' if acc.distributed_type.value.startswith('MULTI') else acc.distributed_type.value}")
 
     # --- data
     ref_field = cfg.reference_field or cfg.answer_field
