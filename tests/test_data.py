@@ -177,7 +177,7 @@ JSONL_ERRORS = [  # (lines, line, field, words in the message)
     ([GOOD, '{"question": "Q?", "answer": 42}'], 2, "answer", "expected a string, got a number"),
     ([GOOD, '{"question": null, "answer": "A."}'], 2, "question", "got null"),
     (['{"question": " \\t ", "answer": "A."}'], 1, "question", "empty"),
-    ([GOOD, '{"text": "neither"}'], 2, "question", "expected 'question' and 'answer', or 'messages'"),
+    ([GOOD, '{"text": "neither"}'], 2, "question", "expected 'question' and 'answer', 'messages', or Alpaca's instruction and output"),
     ([GOOD, "", json.dumps(msgs(("user", "Q"), ("user", "again")))], 3, "messages[1].role",
      "last message must be the assistant"),
     ([json.dumps({"messages": "Q? A."})], 1, "messages", "expected a list"),
@@ -407,3 +407,13 @@ def test_demo_source():
     examples, report = load_qa("demo", limit=50)
     assert len(examples) == 50 and examples[0].source == "demo:1"
     assert report.source == "demo" and report.n_duplicate_pairs == 0
+
+
+def test_alpaca_rows_are_instruction_and_input_to_output(tmp_path):
+    from raftune.data import load_qa
+
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": "Add them.", "input": "2 and 3", "output": "5"},
+                                {"instruction": "Say hi.", "input": "", "output": "Hi."}]))
+    examples, _ = load_qa(str(path))
+    assert [(ex.question, ex.answer) for ex in examples] == [("Add them.\n\n2 and 3", "5"), ("Say hi.", "Hi.")]

@@ -500,7 +500,7 @@ def test_l2sp_penalty_and_its_gradient():
     w0 = [torch.tensor([1.0, -2.0]), torch.tensor([[0.5]])]
     w = [torch.tensor([1.5, -1.0], requires_grad=True), torch.tensor([[0.0]], requires_grad=True)]
     pen = l2sp_penalty(w, w0)
-    assert float(pen) == pytest.approx(0.25 + 1.0 + 0.25)
+    assert float(pen.detach()) == pytest.approx(0.25 + 1.0 + 0.25)
     pen.backward()
     assert torch.allclose(w[0].grad, 2 * (w[0].detach() - w0[0])) and torch.allclose(w[1].grad, torch.tensor([[-1.0]]))
     assert float(l2sp_penalty([t.detach() for t in w0], w0)) == 0.0
