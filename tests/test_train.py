@@ -411,3 +411,23 @@ def test_a_prompt_that_leaves_no_room_for_an_answer_is_skipped_and_counted(tmp_p
         f.write(json.dumps({"question": "Why? " * 400, "answer": "Because.", "original_answer": "So."}) + "\n")
     with pytest.raises(ValueError, match="every sample's prompt is longer than max_len=128"):
         train(cfg(tmp_path, tiny_model_dir, method="sft", max_len=128, max_steps=1, name="x", data=str(data)), progress=False)
+
+
+@pytest.mark.parametrize("method", ["raft", "onpolicy"])
+def test_the_teacher_reads_the_reference_field_while_ce_learns_another(tmp_path, tiny_model_dir, monkeypatch, method):
+    """CE on the original answers with the fused answer as the teacher's reference (their keys differ:
+    a key hashes its answer); a teacher without answer conditioning needs no reference at all."""
+    import raftune.train as train_module
+
+    seen = []
+    real = train_module.teacher_context_ids
+
+    def spy(tok, context, question, ref, *args, **kw):
+        seen.append((context, ref))
+        return real(tok, context, question, ref, *args, **kw)
+
+    monkeypatch.setattr(train_module, "teacher_context_ids", spy)
+    train(cfg(tmp_path, tiny_model_dir, method=method, answer_field="original_answer", reference_field="answer",
+              max_steps=1), progress=False)
+    fused = {json.loads(l)["answer"] for l in (tmp_path / "fused.jsonl").read_text().splitlines()}
+    assert seen and all(ref in fused for _, ref in seen) if method == "raft" else all(c == "none" for c, _ in seen)

@@ -347,7 +347,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # --- data
     ref_field = cfg.reference_field or cfg.answer_field
     train_set, report = load_qa(cfg.data, answer_field=cfg.answer_field)
-    refs = {ex.key: ex.answer for ex in load_qa(cfg.data, answer_field=ref_field)[0]} if ref_field != cfg.answer_field else None
+    # the teacher's references by row ("path:line"): a sample's key hashes its answer, which differs between the fields
+    refs = {ex.source: ex.answer for ex in load_qa(cfg.data, answer_field=ref_field)[0]} if ref_field != cfg.answer_field else None
     eval_set = load_qa(cfg.eval_data, limit=cfg.eval_limit)[0] if cfg.eval_data else []
     replay_set = load_qa(cfg.replay_data)[0] if cfg.replay_data else []
     execution = ("out_dir", "tensorboard", "name", "device", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps", "fsdp",
@@ -594,7 +595,7 @@ def _kl_loss(cfg, spec, model, teacher, tok, batch, prompts, traj, tmask, refs, 
     """Top-K KL between the teacher and the student on the student's trajectories (reduced for the step)."""
     contexts = []
     for ex, p in zip(batch, prompts):
-        ref = refs[ex.key] if refs is not None else ex.answer
+        ref = refs.get(ex.source, ex.answer) if refs is not None and spec.teacher_context != "none" else ex.answer
         ctx = teacher_context_ids(tok, spec.teacher_context, ex.question, ref, p, cfg.max_reference_tokens, ex.system)
         state["truncated_references"] += ctx.reference_truncated
         contexts.append(ctx.ids)
