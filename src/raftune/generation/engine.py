@@ -79,7 +79,7 @@ def pick_tokens(logits_BV: torch.Tensor, temperature: float, top_p: float) -> to
         before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the more likely tokens
         sorted_BV = sorted_BV.masked_fill(before_BV >= top_p, 0.0)  # the first token always stays
         probs_BV = torch.zeros_like(probs_BV).scatter_(-1, order_BV, sorted_BV)
-    race_BV = torch.empty_like(probs_BV).exponential_()
+    race_BV = torch.empty_like(probs_BV).exponential_().clamp_(min=1e-20)  # never 0: 0/0 would be a NaN that argmax picks
     return (probs_BV / race_BV).argmax(dim=-1)
 
 
