@@ -87,7 +87,9 @@ def part_train(args, model: str, tmp: Path) -> dict:
 def part_trl(args, model: str, tmp: Path, results: dict) -> dict:
     from peer_trl import trl_distillation_step
 
-    from raftune.models import resolve_model_path  # TRL takes a folder or a hub id, not "default" or a .gguf
+    from raftune.models import (
+        resolve_model_path,  # TRL takes a folder or a hub id, not "default" or a .gguf
+    )
 
     try:
         out = trl_distillation_step(resolve_model_path(model), args.data, args.batch_size, args.rollout_tokens, args.steps, str(tmp / "trl"))

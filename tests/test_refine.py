@@ -16,9 +16,9 @@ import pytest
 
 import raftune.models
 import raftune.refine
+import raftune.refine as refine_module
 from raftune.files import read_jsonl_log
 from raftune.generation import Completion
-import raftune.refine as refine_module
 from raftune.refine import MergeError, RefineConfig, merge, refine
 
 
