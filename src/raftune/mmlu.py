@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from raftune.data import DataError
-from raftune.models import eval_mode
+from raftune.models import context_length, eval_mode
 from raftune.sequences import chat_prompt_ids, pad_right
 
 SPLITS = ("dev", "val", "test")
@@ -186,9 +186,9 @@ def _device(model) -> torch.device:
 
 
 def _check_lengths(model, seqs: Sequence[Sequence[int]]) -> None:
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = context_length(model)
     longest = max(len(s) for s in seqs)
-    if isinstance(limit, int) and longest > limit:
+    if limit is not None and longest > limit:
         raise ValueError(f"a sequence of {longest} tokens exceeds the model's {limit} positions: "
                          f"use fewer shots")
 

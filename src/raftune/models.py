@@ -120,6 +120,18 @@ def eval_mode(module: torch.nn.Module):
         module.train(was)
 
 
+def context_length(model) -> int | None:
+    """The positions a causal LM (or peft's wrapper of one) can attend over, from its config; None where the
+    config does not say (the length guards of every stage measure against it)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device and device != "auto":
         return torch.device(device)

@@ -62,6 +62,7 @@ from raftune.generation import (
     open_generator,
 )
 from raftune.judging import judge_errors, mean_score, score_with_judges
+from raftune.models import context_length
 from raftune.settings import (
     CommaList,
     Device,
@@ -316,7 +317,7 @@ def input_budget(cfg: RefineConfig, original: Generator):
     own output: so the model's context minus two generations and the template's words."""
     tok, model = getattr(original, "tokenizer", None), getattr(original, "model", None)
     if tok is not None and model is not None:
-        context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or SERVER_CONTEXT
+        context = context_length(model) or SERVER_CONTEXT
 
         def count(text: str) -> int:
             return len(tok(text, add_special_tokens=False)["input_ids"])

@@ -56,7 +56,7 @@ from raftune.distributed import (
     trainable_state,
 )
 from raftune.files import append_jsonl, atomic_write_json, stable_hash
-from raftune.models import eval_mode
+from raftune.models import context_length, eval_mode
 from raftune.rollout import RolloutConfig, sample_trajectories
 from raftune.sequences import (
     TEACHER_CONTEXTS,
@@ -619,7 +619,7 @@ def _kl_loss(cfg, spec, model, teacher, tok, batch, prompts, traj, tmask, refs, 
 def _fitting(examples: list[QAExample], tok, cfg: TrainConfig, spec: Method, lm) -> tuple[list[QAExample], int]:
     """The examples whose chat prompt leaves room for at least one answer token within ``max_len`` and,
     with a KL term, for the whole rollout within the model's context; and how many were left out."""
-    context = getattr(lm.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    context = context_length(lm)
     room = min(cfg.max_len - 1, context - cfg.rollout_max_new_tokens if spec.kl and context else cfg.max_len - 1)
     kept = []
     for ex in examples:

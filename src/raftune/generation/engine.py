@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raftune.models import eval_mode
+from raftune.models import context_length, eval_mode
 
 log = logging.getLogger("raftune.generation.engine")
 
@@ -208,7 +208,7 @@ class DecodeEngine:
         if compiled:  # fixed shapes: every batch of a bucket runs the same graph
             B = max(batch_bucket or 0, _pow2(n_real))
             L = max(_pow2(P + N), self.min_length)
-            limit = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+            limit = context_length(self.model)
             if limit and L > limit >= P + N:
                 L = P + N
             prompts = prompts + [prompts[0]] * (B - n_real)  # filler rows, dropped at the end

@@ -8,6 +8,7 @@ import torch
 
 from raftune.generation.base import Completion, Messages, SamplingParams
 from raftune.generation.engine import engine_for
+from raftune.models import context_length
 
 log = logging.getLogger("raftune.generation.local")
 
@@ -35,7 +36,7 @@ class LocalGenerator:
         """The length guard: a prompt that leaves no room for ``max_new_tokens`` within the model's context
         keeps its last tokens (the chat template's end, where the reply starts); counted in
         ``truncated_prompts`` and logged."""
-        context = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        context = context_length(self.model)
         if not context:
             return prompts
         room = max(1, context - max_new_tokens)
