@@ -258,19 +258,27 @@ def refine_batch(
             source, chosen = "original_unjudged", ex.answer  # no judge could score any candidate
         else:
             source, chosen = "fused", best["text"]
-        records.append({
-            "key": ex.key, "index": index, "question": ex.question, "answer": ex.answer,
-            "rewrite": rewrites[i].text, "rewrite_finish_reason": rewrites[i].finish_reason,
-            "similarity": sims[i], "accepted": accepted[i], "candidates": candidates[i],
-            "rounds_used": len(candidates[i]),
-            "early_stop": best is not None and best["mean"] >= cfg.gamma,
-            "best_mean": best["mean"] if best else None, "chosen_round": best["round"] if best else None,
-            "chosen_source": source, "chosen": chosen,
-            # batch phases split evenly over the batch's samples
-            "timings_s": {k: round(v / n, 4) for k, v in secs.items()},
-            "generated_tokens": {k: round(v / n, 1) for k, v in tokens.items()},
-        })
+        records.append(_record(
+            index, ex, source, chosen, rewrite=rewrites[i].text, rewrite_finish_reason=rewrites[i].finish_reason,
+            similarity=sims[i], accepted=accepted[i], candidates=candidates[i], rounds_used=len(candidates[i]),
+            early_stop=best is not None and best["mean"] >= cfg.gamma, best_mean=best["mean"] if best else None,
+            chosen_round=best["round"] if best else None, **_shares(secs, tokens, n)))
     return _without_failed(batch, records, errors)
+
+
+def _record(index: int, ex: QAExample, source: str, chosen: str, **fields) -> dict:
+    """One provenance row. Every mode and exit writes every field (those of steps it never reached
+    empty), so that merge and the summary read all rows alike; ``fields`` fill in what was done."""
+    return {"key": ex.key, "index": index, "question": ex.question, "answer": ex.answer, "rewrite": "",
+            "rewrite_finish_reason": None, "similarity": None, "accepted": False, "candidates": [], "rounds_used": 0,
+            "early_stop": False, "best_mean": None, "chosen_round": None, "chosen_source": source, "chosen": chosen,
+            "timings_s": {}, "generated_tokens": {}, **fields}
+
+
+def _shares(secs: Counter, tokens: Counter, n: int) -> dict:
+    """The batch's phase times and generated tokens split evenly over its ``n`` samples."""
+    return {"timings_s": {k: round(v / n, 4) for k, v in secs.items()},
+            "generated_tokens": {k: round(v / n, 1) for k, v in tokens.items()}}
 
 
 def _without_failed(batch, records: list[dict], errors: list[list[str]]) -> tuple[list[dict], list[dict]]:
@@ -293,15 +301,9 @@ def _sdft_records(batch, rewrites, secs: Counter, tokens: Counter) -> list[dict]
             source, chosen = "original_leak", ex.answer
         else:
             source, chosen = "sdft_rewrite", rw.text
-        records.append({
-            "key": ex.key, "index": index, "question": ex.question, "answer": ex.answer,
-            "rewrite": rw.text, "rewrite_finish_reason": rw.finish_reason,
-            "similarity": None, "accepted": source == "sdft_rewrite", "candidates": [], "rounds_used": 0,
-            "early_stop": False, "best_mean": None, "chosen_round": None,
-            "chosen_source": source, "chosen": chosen, "leak": leak if source == "original_leak" else None,
-            "timings_s": {k: round(v / n, 4) for k, v in secs.items()},
-            "generated_tokens": {k: round(v / n, 1) for k, v in tokens.items()},
-        })
+        records.append(_record(index, ex, source, chosen, rewrite=rw.text, rewrite_finish_reason=rw.finish_reason,
+                               accepted=source == "sdft_rewrite", leak=leak if source == "original_leak" else None,
+                               **_shares(secs, tokens, n)))
     return records
 
 
@@ -337,12 +339,7 @@ def input_budget(cfg: RefineConfig, original: Generator):
 
 def too_long_record(index: int, ex: QAExample, n_tokens: int, budget: int) -> dict:
     """A sample too long to refine: its original answer, unrefined, and why."""
-    return {
-        "key": ex.key, "index": index, "question": ex.question, "answer": ex.answer, "rewrite": "",
-        "rewrite_finish_reason": None, "similarity": None, "accepted": False, "candidates": [], "rounds_used": 0,
-        "early_stop": False, "best_mean": None, "chosen_round": None, "chosen_source": "original_too_long",
-        "chosen": ex.answer, "input_tokens": n_tokens, "input_budget": budget, "timings_s": {}, "generated_tokens": {},
-    }
+    return _record(index, ex, "original_too_long", ex.answer, input_tokens=n_tokens, input_budget=budget)
 
 
 # --- the stage ------------------------------------------------------------------------------------
