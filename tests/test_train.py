@@ -367,9 +367,10 @@ def test_l2sp_keeps_the_weights_closer_to_the_start(tmp_path, tiny_model_dir):
 
 def test_replay_mixes_a_share_of_general_data_into_every_batch_in_a_resumable_order(tmp_path):
     from raftune.data import load_qa
-    from raftune.train import _replay_examples
+    from raftune.train import _replay_examples, _seeded_order
 
-    general = load_qa(str(write_general(tmp_path / "general.json", n=5)))[0]
+    general = _seeded_order(load_qa(str(write_general(tmp_path / "general.json", n=5)))[0], seed=0)
+    assert general == _seeded_order(load_qa(str(tmp_path / "general.json"))[0], seed=0)  # one order per seed
     c = TrainConfig(data="demo", method="replay", replay_data="x", replay_ratio=0.2)
     first = _replay_examples(general, c, 0, 8)
     assert len(first) == 2  # 2 of 10: a share of 0.2 of the CE batch

@@ -350,7 +350,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # the teacher's references by row ("path:line"): a sample's key hashes its answer, which differs between the fields
     refs = {ex.source: ex.answer for ex in load_qa(cfg.data, answer_field=ref_field)[0]} if ref_field != cfg.answer_field else None
     eval_set = load_qa(cfg.eval_data, limit=cfg.eval_limit)[0] if cfg.eval_data else []
-    replay_set = load_qa(cfg.replay_data)[0] if cfg.replay_data else []
+    replay_set = _seeded_order(load_qa(cfg.replay_data)[0], cfg.seed) if cfg.replay_data else []
     execution = ("out_dir", "tensorboard", "name", "device", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps", "fsdp",
                  "gradient_checkpointing")
     ident = stable_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution}, 10)  # what the run computes
@@ -629,13 +629,18 @@ def _fitting(examples: list[QAExample], tok, cfg: TrainConfig, spec: Method, lm)
     return kept, len(examples) - len(kept)
 
 
+def _seeded_order(examples: list[QAExample], seed: int) -> list[QAExample]:
+    """``examples`` in a permutation fixed by ``seed`` (the replay data's order, drawn once per run)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return [examples[i] for i in order]
+
+
 def _replay_examples(replay_set: list[QAExample], cfg: TrainConfig, micro_index: int, n_domain: int) -> list[QAExample]:
     """The general examples mixed into micro-batch ``micro_index``: a share ``replay_ratio`` of its CE
-    batch, taken in order from a seeded permutation of the replay data (cycled), so a resumed run
-    replays exactly what the uninterrupted one would."""
+    batch, taken in order from ``replay_set`` (already in its seeded order, ``_seeded_order``), cycled,
+    so a resumed run replays exactly what the uninterrupted one would."""
     k = round(n_domain * cfg.replay_ratio / (1 - cfg.replay_ratio))
-    order = torch.randperm(len(replay_set), generator=torch.Generator().manual_seed(cfg.seed + 7919)).tolist()
-    return [replay_set[order[(micro_index * k + j) % len(order)]] for j in range(k)]
+    return [replay_set[(micro_index * k + j) % len(replay_set)] for j in range(k)]
 
 
 def _swap_grads(params, stash):
