@@ -453,3 +453,26 @@ def test_a_failed_judge_call_is_neither_a_verdict_nor_unreadable(tmp_path, tiny_
     results = json.loads((e.value.run_dir / "results.json").read_text())
     assert results["suites"] == {} and results["complete"] is False
     assert len((e.value.run_dir / "completions.jsonl").read_text().splitlines()) == 3 + 3 + 2 * 2  # answers, base, judges
+
+
+def test_truncated_prompts_count_this_evaluation_once_per_backend(tiny_model_dir, tmp_path):
+    """A prompt longer than the context is cut (the length guard); results.json counts the cuts of this
+    evaluation only, once even where the judge is the model itself, and not those of an earlier one."""
+    import dataclasses
+
+    from raftune.generation import open_generator
+
+    data = tmp_path / "domain.jsonl"
+    data.write_text(json.dumps({"question": "Why? " * 3000, "answer": "Because."}) + "\n"
+                    + json.dumps({"question": "Short?", "answer": "Yes."}) + "\n")
+    cfg = EvalConfig(model=str(tiny_model_dir), judges=(str(tiny_model_dir),), suites=("domain",), domain_data=str(data),
+                     out_dir=str(tmp_path / "runs"), name="first", max_new_tokens=4, judge_max_new_tokens=4,
+                     judge_retries=0, device="cpu")
+    shared = open_generator(str(tiny_model_dir), batch_size=cfg.batch_size, device="cpu")  # what evaluate opens
+    counts = []
+    for c in (cfg, dataclasses.replace(cfg, name="second")):
+        before = shared.truncated_prompts
+        run = evaluate(c, progress=False)
+        counts.append(json.loads((run / "results.json").read_text())["truncated_prompts"])
+        assert counts[-1] == shared.truncated_prompts - before >= 1
+    assert counts[0] == counts[1]

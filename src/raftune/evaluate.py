@@ -550,6 +550,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
     model = opened(cfg.model) if todo else None
     judges = [opened(j) for j in cfg.judges] if {"domain", "general"} & set(todo) else []
     base = opened(cfg.base_model) if needs_base & set(todo) else None
+    # the length guard's counts of this evaluation: each backend once (a judge may be the model itself), and
+    # only what it cut here (a backend lives on across the evaluations of one process, e.g. `raftune run`)
+    backends = {id(g.inner): g.inner for g in [model, *judges, base] if g is not None}
+    cut_before = {k: getattr(g, "truncated_prompts", 0) for k, g in backends.items()}
 
     failed: dict[str, dict] = {}  # suite -> the samples whose generations failed, with why
 
@@ -558,7 +562,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
                    "run_dir": str(run), "complete": complete}
         if failed:
             results["failed"] = failed
-        if cut := sum(getattr(g, "truncated_prompts", 0) for g in [model, *judges, base] if g is not None):
+        if cut := sum(getattr(g, "truncated_prompts", 0) - cut_before[k] for k, g in backends.items()):
             results["truncated_prompts"] = cut  # the length guard: prompts cut to fit a local model's context
         if base_results is not None:
             results["retention"] = retention(summaries, base_results)
