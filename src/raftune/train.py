@@ -56,6 +56,7 @@ from raftune.distributed import (
     trainable_state,
 )
 from raftune.files import append_jsonl, atomic_write_json, stable_hash
+from raftune.generation.engine import CompileMode
 from raftune.models import context_length, eval_mode
 from raftune.rollout import RolloutConfig, sample_trajectories
 from raftune.sequences import (
@@ -140,7 +141,7 @@ class TrainConfig:
     rollout_max_new_tokens: Positive = 128
     rollout_temperature: NonNegativeFloat = 1.0
     rollout_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    rollout_compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(default="auto", metadata={
+    rollout_compile: CompileMode = field(default="auto", metadata={
         "help": "rollout decoding: auto (CUDA graphs on CUDA, eager elsewhere), off, or a torch.compile mode"})
     top_k: Positive | None = field(default=512, metadata={"help": "teacher's top-K (paper: 512); null: full vocabulary"})
     kl_temperature: PositiveFloat = field(default=1.0, metadata={"help": "T (inferred default 1.0)"})

@@ -34,6 +34,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -41,7 +42,8 @@ from raftune.models import context_length, eval_mode
 
 log = logging.getLogger("raftune.generation.engine")
 
-COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = CompileMode.__args__
 
 
 @dataclass(frozen=True)
