@@ -42,8 +42,14 @@ from raftune.train import METHODS, TrainConfig, train
 log = logging.getLogger("raftune.pipeline")
 
 FUSED_METHODS = {"raft"}  # train on the fused answers; every baseline on the original ones
-POSTHOC = {"fapm": "keep", "wise": "alpha"}  # post-hoc transform -> its one setting
+POSTHOC = {"fapm": ("keep", 0.1), "wise": ("alpha", 0.5)}  # post-hoc transform -> its one setting and its default
 ENTRY_KEYS = {"name", "init_from", "dataset"}  # keys of a train entry that are the pipeline's, not TrainConfig's
+
+
+def posthoc_setting(entry: dict) -> tuple[str, float]:
+    """(name, value) of a post-hoc entry's one setting, its default where the entry does not set it."""
+    name, default = POSTHOC[entry["posthoc"]]
+    return name, entry.get(name, default)
 
 
 def normalize_entry(entry) -> dict:
@@ -75,13 +81,13 @@ class RunConfig:
                 kind = m["posthoc"]
                 if kind not in POSTHOC:
                     raise ValueError(f"methods: {name}: unknown post-hoc transform {kind!r}; known: {sorted(POSTHOC)}")
-                if unknown := set(m) - {"name", "posthoc", "from", POSTHOC[kind]}:
+                setting, value = posthoc_setting(m)
+                if unknown := set(m) - {"name", "posthoc", "from", setting}:
                     raise ValueError(f"methods: {name}: unknown setting(s) {sorted(unknown)}")
                 if m.get("from") not in trained:
                     raise ValueError(f"methods: {name}: 'from' must name a trained entry listed before it, got {m.get('from')!r}")
-                value = m.get(POSTHOC[kind], 0.1 if kind == "fapm" else 0.5)
                 if not isinstance(value, (int, float)) or not (0 < value <= 1 if kind == "fapm" else 0 <= value <= 1):
-                    raise ValueError(f"methods: {name}: {POSTHOC[kind]} must be a number in "
+                    raise ValueError(f"methods: {name}: {setting} must be a number in "
                                      f"{'(0, 1]' if kind == 'fapm' else '[0, 1]'}, got {value!r}")
             else:
                 if m["method"] not in METHODS:
@@ -184,8 +190,8 @@ def _posthoc(cfg: RunConfig, entry: dict, refine_dir: Path, tuned: str) -> dict:
     a rerun finds it done)."""
     from raftune import posthoc
 
-    kind, setting = entry["posthoc"], POSTHOC[entry["posthoc"]]
-    value = entry.get(setting, 0.1 if kind == "fapm" else 0.5)
+    kind = entry["posthoc"]
+    setting, value = posthoc_setting(entry)
     out = refine_dir.parent / f"{kind}-{refine_dir.name.removeprefix('refine-')}-{entry['name']}"
     model = out if kind == "fapm" else out / f"wise-{value:g}"  # wise writes one folder per alpha
     if not (model / "raftune.json").exists():
