@@ -4,9 +4,16 @@
 
 Each argument is an eval run folder (or its results.json). Every input is checked before anything is
 built or written (``load_result``): a file that is not an eval run's results.json, or holds a value
-of the wrong type where the table reads one, stops the comparison with a ``CompareError`` naming the
-file (and the key). An evaluation that had not finished (``"complete": false``) is tabled with a
-warning, its label marked ``(incomplete)`` and a footnote naming its missing suites.
+of the wrong type or one no evaluation can produce (a rate outside [0, 1], a score outside 1-10, a
+negative or fractional count, NaN), stops the comparison with a ``CompareError`` naming the file and
+the key. An evaluation that had not finished (``"complete": false``) is tabled with a warning, its
+label marked ``(incomplete)`` and a footnote naming its missing suites.
+
+A delta or a retention is a number only between runs whose suite scored the same samples the same
+way (``comparability``): the same data (the content hash raftune eval records under ``inputs.data``),
+the same counts of samples scored and the same way of scoring (MMLU form, shots and subjects; the
+general suite's mode and aggregate). Otherwise it is ``n/c``, with a warning and a footnote; where a
+results.json holds no data hash (an older raftune eval), the output says the data was not checked.
 
 Rows are the runs (labelled by ``--label`` or the folder name); columns are D-Acc and each general
 metric, with the change vs the run labelled ``sft`` when there is one (Table 1), and the retention of
@@ -18,10 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
-from raftune.files import atomic_write_json, atomic_write_text, read_jsonl_log
+from raftune import outputs
+from raftune.files import atomic_write_text, read_jsonl_log, stable_hash
 
 log = logging.getLogger("raftune.compare")
 
@@ -46,19 +55,49 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _suites(results: dict) -> dict:
+    return results.get("suites", results)  # an eval run's results.json keeps its suites under "suites"
+
+
 def _get(results: dict, path: tuple[str, ...]):
-    node = results.get("suites", results)  # an eval run's results.json keeps its suites under "suites"
+    node = _suites(results)
     for part in path:
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
-    return node if _is_number(node) else None
+    return node if _finite(node) else None  # NaN is no value: it would be no JSON either
 
 
 # --- reading and checking the inputs -------------------------------------------------------------------------
 
 # keys every results.json of ``raftune eval`` has held ("complete" and "settings" came later: optional here)
 REQUIRED_KEYS = ("suites", "config")
+
+
+# what an evaluation can produce: suite -> metric -> (low, high, what it is); None is always allowed (nothing scored)
+_RATE = (0, 1, "a rate")
+RANGES = {
+    "domain": {"d_acc": _RATE, "rouge_l": _RATE, "cosine": (-1, 1, "a cosine")},
+    "ifeval": dict.fromkeys(("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"), _RATE),
+    "mmlu": {"accuracy": _RATE},
+    "general": {"mean_score": (1, 10, "a score"), "win_rate": _RATE},  # the judges score 1-10
+    "drift": {"kl_base_to_tuned": (0, math.inf, "a divergence"), "tuned_perplexity": (1, math.inf, "a perplexity"),
+              "base_perplexity": (1, math.inf, "a perplexity")},
+    "weights": {"mean": (0, math.inf, "a distance")},
+}
+COUNTS = {  # summary keys that count something: integers >= 0
+    "domain": ("n", "n_judged", "n_unjudged", "unreadable_verdicts"),
+    "ifeval": ("n_prompts",),
+    "mmlu": ("n", "shots"),
+    "general": ("n", "n_scored", "n_unscored", "n_judged", "n_unjudged", "wins", "ties", "losses", "identical"),
+    "drift": ("n_tokens",),
+    "weights": ("n_tensors",),
+}
+_SLACK = 1e-9  # float sums: a mean cosine of 1.0000000000000002 is still a cosine
 
 
 class CompareError(ValueError):
@@ -124,14 +163,41 @@ def _check_result(path: Path, results) -> None:
     if not tabled.keys() & suites.keys():
         raise CompareError(f"{path}: suites: none of the suites compare tables ({', '.join(tabled)}); "
                            f"found: {', '.join(suites) or 'none'}")
-    for _, (suite, metric), _ in [DOMAIN, *GENERAL, *OTHER]:
-        if suite not in suites:
-            continue
+    def check_metrics(where: str, summary: dict, ranges: dict, counts) -> None:
+        for metric, (low, high, what) in ranges.items():
+            value = summary.get(metric)
+            if value is None:
+                continue
+            if not _is_number(value):
+                fail(f"{where}.{metric}", "a number", value)
+            if not (math.isfinite(value) and low - _SLACK <= value <= high + _SLACK):
+                fail(f"{where}.{metric}", f"{what} >= {low}" if high == math.inf else f"{what} in [{low}, {high}]", value)
+        for key in counts:
+            value = summary.get(key)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                fail(f"{where}.{key}", "a count (an integer >= 0)", value)
+
+    for suite in [s for s in RANGES if s in suites]:
         if not isinstance(suites[suite], dict):
             fail(f"suites.{suite}", "an object", suites[suite])
-        value = suites[suite].get(metric)
-        if value is not None and not _is_number(value):
-            fail(f"suites.{suite}.{metric}", "a number", value)
+        check_metrics(f"suites.{suite}", suites[suite], RANGES[suite], COUNTS[suite])
+    per_subject = suites.get("mmlu", {}).get("per_subject")  # its counts are read for comparability
+    if per_subject is not None:
+        if not isinstance(per_subject, dict):
+            fail("suites.mmlu.per_subject", "an object", per_subject)
+        for subject, summary in per_subject.items():
+            if not isinstance(summary, dict):
+                fail(f"suites.mmlu.per_subject.{subject}", "an object", summary)
+            check_metrics(f"suites.mmlu.per_subject.{subject}", summary, RANGES["mmlu"], ("n",))
+    inputs = results.get("inputs", {})  # the content hashes of what the evaluation read, for comparability
+    if not isinstance(inputs, dict):
+        fail("inputs", "an object", inputs)
+    data = inputs.get("data", {})
+    if not isinstance(data, dict):
+        fail("inputs.data", "an object", data)
+    for key, value in data.items():
+        if value is not None and not isinstance(value, str):
+            fail(f"inputs.data.{key}", "a content hash (a string)", value)
     planned = config.get("suites")  # read for the missing suites of an incomplete evaluation
     if planned is not None and not (isinstance(planned, list) and all(isinstance(s, str) for s in planned)):
         fail("config.suites", "a list of suite names", planned)
@@ -157,19 +223,132 @@ def load_result(arg: str | Path) -> dict:
     return results
 
 
+# --- comparability: the same samples, scored the same way ----------------------------------------------------
+
+# suite -> (its data source: a key of results.json's "inputs.data", where raftune eval records the content hash of
+# what it read; the summary keys that say how many samples were scored and how). A limit takes the first rows of
+# its data, so the same data and the same counts are the same samples.
+SUITE_DATA = {
+    "domain": ("domain_data", ("n", "n_judged")),
+    "ifeval": ("ifeval_data", ("n_prompts",)),
+    "mmlu": ("mmlu_folder", ("n", "form", "shots")),
+    "general": ("general_data", ("mode", "aggregate", "n", "n_scored", "n_judged")),
+    "drift": ("general_data", ("n_tokens",)),
+}
+RETAINED_SUITES = tuple(dict.fromkeys(path[0] for _, path, _ in GENERAL))  # what retention vs base is computed on
+COLUMN_SUITE = {name: path[0] for name, path, _ in [DOMAIN, *GENERAL, *OTHER]}
+
+
+def _data_hash(results: dict, key: str) -> str | None:
+    data = (results.get("inputs") or {}).get("data") or {}
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _short(fingerprint: str) -> str:
+    kind, _, digest = fingerprint.rpartition(":")
+    return f"{kind}:{digest[:12]}" if kind else digest[:12]
+
+
+def _subject_counts(summary: dict) -> dict | None:
+    per_subject = summary.get("per_subject")
+    return {s: v.get("n") for s, v in per_subject.items()} if isinstance(per_subject, dict) else None
+
+
+def suite_comparability(run: dict, ref: dict, suite: str, ref_label: str) -> dict:
+    """``{"comparable": True | False | None, "why": [reasons]}``: whether ``suite`` of ``run`` scored the same
+    samples the same way as that of ``ref`` (labelled ``ref_label``). False where the data's content hash,
+    a count of samples scored or the way of scoring differs; None where nothing differs as far as can be
+    told but a results.json holds no content hash of the data."""
+    data_key, keys = SUITE_DATA[suite]
+    mine, theirs = _suites(run)[suite], _suites(ref)[suite]
+    why = [f"{k} {_got(mine[k])} vs {_got(theirs[k])}" for k in keys if k in mine and k in theirs and mine[k] != theirs[k]]
+    a, b = _subject_counts(mine), _subject_counts(theirs)
+    if a is not None and b is not None and a != b:
+        if a.keys() != b.keys():
+            why.append(f"subjects differ (only here: {', '.join(sorted(a.keys() - b.keys())) or 'none'}; "
+                       f"only in {ref_label}: {', '.join(sorted(b.keys() - a.keys())) or 'none'})")
+        else:
+            why.append("samples per subject differ (" + ", ".join(f"{s} {a[s]} vs {b[s]}" for s in a if a[s] != b[s]) + ")")
+    mine_hash, their_hash = _data_hash(run, data_key), _data_hash(ref, data_key)
+    if mine_hash and their_hash and mine_hash != their_hash:
+        why.insert(0, f"{data_key} differs (content {_short(mine_hash)} vs {_short(their_hash)})")
+    if why:
+        return {"comparable": False, "why": why}
+    if not (mine_hash and their_hash):
+        return {"comparable": None, "why": [f"no content hash of {data_key} in a results.json (an older raftune eval)"]}
+    return {"comparable": True, "why": []}
+
+
+def comparability(runs: dict[str, dict]) -> dict:
+    """``{"sft": {label: {suite: verdict}}, "base": {...}}``: every run's suites against those of the run
+    its deltas (``sft``) and its retention (``base``) are computed against; verdicts of ``suite_comparability``."""
+    out = {}
+    for ref, suites in (("sft", tuple(SUITE_DATA)), ("base", RETAINED_SUITES)):
+        if ref not in runs:
+            continue
+        theirs = _suites(runs[ref])
+        out[ref] = {label: {s: suite_comparability(r, runs[ref], s, ref) for s in suites
+                            if isinstance(_suites(r).get(s), dict) and isinstance(theirs.get(s), dict)}
+                    for label, r in runs.items() if label != ref}
+    return out
+
+
+def _comparable(table: dict, ref: str, label: str, column: str) -> bool:
+    """False only where the column's suite is known to differ between ``label`` and ``ref``."""
+    verdict = table.get("comparability", {}).get(ref, {}).get(label, {}).get(COLUMN_SUITE[column])
+    return verdict is None or verdict["comparable"] is not False
+
+
+def _ratio(value, base):
+    if value is None or not base:
+        return None
+    ratio = value / base
+    return ratio if math.isfinite(ratio) else None  # a tiny base overflows: no ratio rather than Infinity
+
+
 def build_table(runs: dict[str, dict]) -> dict:
     """{"columns": [...], "rows": {label: {column: value}}, "retention": {label: {column: ratio}},
-    "incomplete": {label: [missing suites]}} (the runs whose results.json says ``"complete": false``)."""
+    "incomplete": {label: [missing suites]} (the runs whose results.json says ``"complete": false``),
+    "comparability": see ``comparability``}. A retention whose suite is not comparable with the base's is None."""
     columns = [c for c in [DOMAIN, *GENERAL, *OTHER] if any(_get(r, c[1]) is not None for r in runs.values())]
     rows = {label: {name: _get(r, path) for name, path, _ in columns} for label, r in runs.items()}
+    table = {"columns": [c[0] for c in columns], "rows": rows, "comparability": comparability(runs)}
     base = rows.get("base")
     retention = {}
     if base:
         for label, row in rows.items():
-            retention[label] = {name: (row[name] / base[name] if row[name] is not None and base[name] else None)
+            retention[label] = {name: (_ratio(row[name], base[name]) if _comparable(table, "base", label, name) else None)
                                 for name, _, _ in GENERAL if name in row}
-    incomplete = {label: _missing_suites(r) for label, r in runs.items() if r.get("complete") is False}
-    return {"columns": [c[0] for c in columns], "rows": rows, "retention": retention, "incomplete": incomplete}
+    table["retention"] = retention
+    table["incomplete"] = {label: _missing_suites(r) for label, r in runs.items() if r.get("complete") is False}
+    return table
+
+
+def _not_comparable_notes(table: dict, ref: str, suites) -> str:
+    """The footnotes of one table: each pair of runs and suite that is not comparable, and those unchecked."""
+    out = ""
+    for label, verdicts in table.get("comparability", {}).get(ref, {}).items():
+        for suite, v in verdicts.items():
+            if suite in suites and v["comparable"] is False:
+                out += f"\nn/c: `{label}` vs `{ref}`, suite {suite}: {'; '.join(v['why'])}.\n"
+        unchecked = [s for s, v in verdicts.items() if s in suites and v["comparable"] is None]
+        if unchecked:
+            out += (f"\nnot checked: `{label}` vs `{ref}`, suite(s) {', '.join(unchecked)}: a results.json holds no "
+                    "content hash of the data (written by an older raftune eval); the same data is assumed.\n")
+    return out
+
+
+def _warn_comparability(table: dict) -> None:
+    for ref, by_label in table["comparability"].items():
+        what = "deltas" if ref == "sft" else "retention"
+        for label, verdicts in by_label.items():
+            for suite, v in verdicts.items():
+                if v["comparable"] is False:
+                    log.warning("%s vs %s: suite %s not comparable (%s); no %s reported for it", label, ref, suite,
+                                "; ".join(v["why"]), what)
+            if unchecked := [s for s, v in verdicts.items() if v["comparable"] is None]:
+                log.warning("%s vs %s: could not check the data of suite(s) %s (no content hash in a results.json: an "
+                            "older raftune eval); %s tabled on trust", label, ref, ", ".join(unchecked), what)
 
 
 def _shown(label: str, table: dict) -> str:
@@ -192,13 +371,17 @@ def to_markdown(table: dict) -> str:
         cells = []
         for c in cols:
             cell = _fmt(row[c], pct[c])
-            if ref and label != "sft" and row[c] is not None and ref[c] is not None:
+            if ref and label != "sft" and row[c] is not None and ref[c] is not None and not _comparable(table, "sft", label, c):
+                cell += " (n/c vs SFT)"
+            elif ref and label != "sft" and row[c] is not None and ref[c] is not None:
                 delta = (row[c] - ref[c]) * (100 if pct[c] else 1)
                 cell += f" ({delta:+.1f} vs SFT)" if pct[c] else f" ({delta:+.3g} vs SFT)"
             cells.append(cell)
         lines.append(f"| {_shown(label, table)} | " + " | ".join(cells) + " |")
-    out = "## Results (Table 1 shape)\n\nPercentages for accuracies; change vs the run labelled `sft` in brackets.\n\n"
+    out = "## Results (Table 1 shape)\n\nPercentages for accuracies; change vs the run labelled `sft` in brackets " \
+          "(n/c: not comparable, the runs scored other samples or scored them otherwise).\n\n"
     out += "\n".join(lines) + "\n"
+    out += _not_comparable_notes(table, "sft", {COLUMN_SUITE[c] for c in cols})
     for label, missing in table.get("incomplete", {}).items():
         out += (f"\n(incomplete) `{label}`: its evaluation had not finished (`\"complete\": false`); "
                 + (f"missing suite(s): {', '.join(missing)}. " if missing else "")
@@ -208,8 +391,10 @@ def to_markdown(table: dict) -> str:
         out += "\n## Retention vs base (Table 4 shape)\n\n| method | " + " | ".join(gcols) + " |\n"
         out += "|---" * (len(gcols) + 1) + "|\n"
         for label, r in table["retention"].items():
-            cells = ["-" if r.get(c) is None else f"{100 * r[c]:.1f}%" for c in gcols]
+            cells = ["n/c" if not _comparable(table, "base", label, c) else "-" if r.get(c) is None else f"{100 * r[c]:.1f}%"
+                     for c in gcols]
             out += f"| {_shown(label, table)} | " + " | ".join(cells) + " |\n"
+        out += _not_comparable_notes(table, "base", {COLUMN_SUITE[c] for c in gcols})
     return out
 
 
@@ -317,10 +502,14 @@ def compare(run_args: list[str | Path], labels: list[str] | None, out_dir: str |
     if not (blocker := next(p for p in [out, *out.absolute().parents] if p.exists())).is_dir():
         raise CompareError(f"{blocker}: not a folder, so --out {out} cannot be made")
     table = build_table(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    _warn_comparability(table)
+    # a folder of the user's (or another kind's output) is refused before anything is written into it
+    outputs.claim(out, "compare", stable_hash([labels, [str(a) for a in run_args]], 16), other_key="redo")
     md = to_markdown(table)
     atomic_write_text(out / "comparison.md", md)
-    atomic_write_json(out / "comparison.json", table)
+    # strict JSON: every value read is finite and a ratio that overflows is None, so allow_nan=False never
+    # raises; it keeps NaN and Infinity, which strict parsers refuse, out of the file for good
+    atomic_write_text(out / "comparison.json", json.dumps(table, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     table["plots"] = [str(p) for p in plot_comparison(table, out, runs)]
     table["markdown"] = md
     return table

@@ -41,6 +41,7 @@ so that it is logged); the run goes on with the other suites, then writes result
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -53,6 +54,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from raftune import outputs
 from raftune.files import atomic_write_json, atomic_write_jsonl, stable_hash
 from raftune.generation import (
     CachedGenerator,
@@ -516,12 +518,30 @@ def check_suite_data(cfg: EvalConfig) -> None:
         load_general_prompts(cfg.general_data, limit=cfg.general_limit)
 
 
+def eval_inputs(cfg: EvalConfig) -> dict:
+    """The content of everything an evaluation reads (models and data), for its key: a model replaced at
+    the same path is evaluated again, never reported with the old one's numbers."""
+    from raftune.models import DEFAULT_ENCODER, embedded_encoder_path
+
+    encoder = str(embedded_encoder_path()) if cfg.encoder == DEFAULT_ENCODER else cfg.encoder
+    fp = outputs.model_fingerprint
+    return {"model": fp(cfg.model), "base_model": fp(cfg.base_model), "judges": [fp(j) for j in cfg.judges],
+            "encoder": fp(encoder),
+            "data": {k: outputs.data_fingerprint(getattr(cfg, k)) for k in ("domain_data", "ifeval_data", "mmlu_folder",
+                                                                              "general_data")}}
+
+
 def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
     """Run ``cfg.suites`` and write the run folder; returns its path. Resumes a stopped run of the same
-    settings: suites in its results.json are kept, and logged completions are not asked again.
+    settings and inputs: suites in its results.json are kept, and logged completions are not asked again.
 
     Raises ``GenerationFailed`` after the last suite when generations of some suites failed; those suites
     are listed under ``failed`` in results.json (``"complete": false``) and computed again by a rerun."""
+    with contextlib.ExitStack() as hold:  # the run folder's lock, held until the evaluation ends
+        return _evaluate(cfg, progress, hold)
+
+
+def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Path:
     base_results = None
     if cfg.base_results is not None:  # read first: a bad path fails before hours of generation
         try:
@@ -530,8 +550,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
             raise ValueError(f"{cfg.base_results}: not a readable eval results.json ({type(e).__name__}: {e})") from None
     check_suite_data(cfg)
     run = run_dir_for(cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    summaries = _finished_suites(run, cfg)
+    inputs = eval_inputs(cfg)
+    key = stable_hash({"settings": cfg.output_settings(), "inputs": inputs}, 16)
+    summaries = _finished_suites(run, cfg, key)
     todo = [s for s in cfg.suites if s not in summaries]
     if summaries:
         log.info("%s: resuming; suites already done: %s", run, ", ".join(summaries))
@@ -539,14 +560,24 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
     # every completion is logged: a rerun asks nothing twice, and the base model's answers that its own
     # evaluation made (general prompts) serve as the base answers of the drift and pairwise suites
     base_log = Path(cfg.base_results).parent / "completions.jsonl" if cfg.base_results else None
+    needs_base = {"drift", "weights"} | ({"general"} if cfg.general_mode == "pairwise" else set())
+    # the backends before the folder: a model that cannot be loaded is refused with nothing left behind
+    wanted = ([cfg.model] if todo else []) + (list(cfg.judges) if {"domain", "general"} & set(todo) else []) \
+        + ([cfg.base_model] if needs_base & set(todo) else [])
+    backend = {spec: open_generator(spec, **opts) for spec in dict.fromkeys(wanted)}
+    claim = outputs.claim(run, "eval", key, other_key="redo", what=f"model {cfg.model}")
+    hold.enter_context(outputs.locked(run, f"evaluating {cfg.model}"))
+    if not claim.same:  # a new folder, or one of other settings or inputs: nothing of the old results stands
+        for stale in [run / "results.json", *(run / f"{s}.jsonl" for s in SUITES)]:
+            stale.unlink(missing_ok=True)
     completions = CompletionLog(run / "completions.jsonl", also=[base_log] if base_log and base_log.exists() else [])
     if completions.entries:
         log.info("%s: %d logged completions will be reused", run, len(completions.entries))
+    identity = {cfg.model: inputs["model"], cfg.base_model: inputs["base_model"], **dict(zip(cfg.judges, inputs["judges"]))}
 
-    def opened(spec: str) -> Generator:
-        return CachedGenerator(open_generator(spec, **opts), completions)
+    def opened(spec: str) -> Generator:  # logged under the model's content: another model's answers never match
+        return CachedGenerator(backend[spec], completions, identity=identity[spec])
 
-    needs_base = {"drift", "weights"} | ({"general"} if cfg.general_mode == "pairwise" else set())
     model = opened(cfg.model) if todo else None
     judges = [opened(j) for j in cfg.judges] if {"domain", "general"} & set(todo) else []
     base = opened(cfg.base_model) if needs_base & set(todo) else None
@@ -559,11 +590,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
 
     def write_results(complete: bool) -> None:
         results = {"suites": summaries, "config": dataclasses.asdict(cfg), "settings": cfg.output_settings(),
-                   "run_dir": str(run), "complete": complete}
+                   "inputs": inputs, "run_dir": str(run), "complete": complete}
         if failed:
             results["failed"] = failed
         if cut := sum(getattr(g, "truncated_prompts", 0) - cut_before[k] for k, g in backends.items()):
             results["truncated_prompts"] = cut  # the length guard: prompts cut to fit a local model's context
+        if fell_back := {g.name: e.compile_fallback for g in backends.values()
+                         if (e := getattr(g, "engine", None)) is not None and e.compile_fallback}:
+            results["compile_fallback"] = fell_back  # local models whose compiled decoding failed: decoded eagerly
         if base_results is not None:
             results["retention"] = retention(summaries, base_results)
         atomic_write_json(run / "results.json", results)
@@ -602,13 +636,19 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
             f"generations.", run, failed)
     summaries = {s: summaries[s] for s in cfg.suites}  # the configured order
     write_results(complete=True)
+    outputs.mark_complete(run)
     return run
 
 
-def _finished_suites(run: Path, cfg: EvalConfig) -> dict[str, dict]:
-    """The summaries of the suites a previous run with the same settings finished in ``run``."""
+def _finished_suites(run: Path, cfg: EvalConfig, key: str) -> dict[str, dict]:
+    """The summaries of the suites a previous run with the same settings and inputs (``key``) finished in ``run``."""
     path = run / "results.json"
     if not path.exists():
+        return {}
+    manifest = outputs.read_manifest(run)
+    if manifest is None or manifest["kind"] != "eval" or manifest["key"] != key:
+        log.warning("%s holds an evaluation of other settings or of another model content; its suites are computed "
+                    "again", run)
         return {}
     try:
         old = json.loads(path.read_text(encoding="utf-8"))

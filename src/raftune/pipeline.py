@@ -186,19 +186,18 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
 
 
 def _posthoc(cfg: RunConfig, entry: dict, refine_dir: Path, tuned: str) -> dict:
-    """FAPM or WiSE-FT of an earlier entry's model, into its own folder beside the runs (made once:
-    a rerun finds it done)."""
+    """FAPM or WiSE-FT of an earlier entry's model, into its own folder beside the runs (made once: a rerun
+    with the same setting and models finds it done; another setting or a retrained model makes it again)."""
     from raftune import posthoc
 
     kind = entry["posthoc"]
     setting, value = posthoc_setting(entry)
     out = refine_dir.parent / f"{kind}-{refine_dir.name.removeprefix('refine-')}-{entry['name']}"
     model = out if kind == "fapm" else out / f"wise-{value:g}"  # wise writes one folder per alpha
-    if not (model / "raftune.json").exists():
-        if kind == "fapm":
-            posthoc.fapm(cfg.refine.model, tuned, str(out), keep=value)
-        else:
-            posthoc.wise(cfg.refine.model, tuned, str(out), alphas=[value])
+    if kind == "fapm":
+        posthoc.fapm(cfg.refine.model, tuned, str(out), keep=value)
+    else:
+        posthoc.wise(cfg.refine.model, tuned, str(out), alphas=[value])
     return {"run_dir": str(model), "model": str(model), "posthoc": kind, "from": entry["from"], setting: value,
             "base_domain_loss": None, "domain_loss": None}
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from raftune.files import atomic_write_json
+from raftune import outputs
+from raftune.files import atomic_write_json, stable_hash
 
 log = logging.getLogger("raftune.posthoc")
 
@@ -116,8 +117,10 @@ def _matched_params(base_model, tuned_model, base: str, tuned: str) -> list[tupl
     return [(b[n], t[n]) for n in b]
 
 
-def _save(model, tok, out: Path, meta: dict) -> Path:
-    """Write the model folder under a temporary name and rename it, so a killed run leaves no half model."""
+def _save(model, tok, out: Path, meta: dict, key: str) -> Path:
+    """Write the model folder under a temporary name and rename it, so a killed run leaves no half model.
+    Only a folder ``outputs.claim`` allowed (none, an empty one, or this kind's own output) is replaced."""
+    outputs.claim(out, meta["method"], key, other_key="redo", create=False)  # checked again: it may have appeared since
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its folder is private (0700), and it becomes the model folder
@@ -126,6 +129,7 @@ def _save(model, tok, out: Path, meta: dict) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "raftune.json", meta)
+        outputs.write_manifest(tmp, meta["method"], key, _describe(meta), complete=True)
         if out.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
             os.replace(out, old / out.name)
@@ -137,10 +141,24 @@ def _save(model, tok, out: Path, meta: dict) -> Path:
     return out
 
 
+def _describe(meta: dict) -> str:
+    return ", ".join(f"{k} {meta[k]}" for k in ("method", "keep", "alpha", "tuned_model", "base_model") if k in meta)
+
+
 @torch.no_grad()
 def _apply(base: str, tuned: str, outs: list[tuple[Path, dict, Callable]]) -> list[Path]:
     """For each (folder, raftune.json fields, fn): base parameters set to fn(W_0, W_ft), then saved.
-    fn returns (W, entries kept or None)."""
+    fn returns (W, entries kept or None). An output folder already holding this very result (same
+    settings, same base and tuned content) is kept as it is; one that holds anything but this kind of
+    output is refused before any model loads."""
+    made_of = {"base": outputs.model_fingerprint(base), "tuned": outputs.model_fingerprint(tuned)}
+    keys = [stable_hash({**made_of, **fields}, 16) for _, fields, _ in outs]
+    claims = [outputs.claim(Path(out), fields["method"], key, other_key="redo", create=False)
+              for (out, fields, _), key in zip(outs, keys)]
+    if all(c.same and c.complete for c in claims):
+        for c in claims:
+            log.info("%s already holds this %s model (same settings, base and tuned model): kept", c.path, c.kind)
+        return [c.path for c in claims]
     base_model, tuned_model, tok, adapter = _load_pair(base, tuned)
     pairs = _matched_params(base_model, tuned_model, base, tuned)
     tuned_buffers = dict(tuned_model.named_buffers())
@@ -149,7 +167,7 @@ def _apply(base: str, tuned: str, outs: list[tuple[Path, dict, Callable]]) -> li
             buf.copy_(tuned_buffers[name])
     w0s = [w0.detach().clone() for w0, _ in pairs] if len(outs) > 1 else [w0.detach() for w0, _ in pairs]
     written = []
-    for out, fields, fn in outs:
+    for (out, fields, fn), key in zip(outs, keys):
         kept = total = 0
         for (param, w_ft), w0 in zip(pairs, w0s):
             w, n_kept = fn(w0, w_ft)
@@ -158,7 +176,7 @@ def _apply(base: str, tuned: str, outs: list[tuple[Path, dict, Callable]]) -> li
         meta = {"method": fields["method"], "base_model": base, "tuned_model": tuned, "tuned_lora": adapter, **fields}
         if fields["method"] == "fapm":
             meta["kept_fraction"] = kept / total
-        written.append(_save(base_model, tok, Path(out), meta))
+        written.append(_save(base_model, tok, Path(out), meta, key))
     return written
 
 

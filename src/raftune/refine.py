@@ -47,6 +47,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from raftune import outputs
 from raftune.data import QAExample, examples_to_rows, load_qa, split_train_test
 from raftune.files import (
     append_jsonl,
@@ -345,17 +346,35 @@ def too_long_record(index: int, ex: QAExample, n_tokens: int, budget: int) -> di
 # --- the stage ------------------------------------------------------------------------------------
 
 
+def run_key(cfg: RefineConfig, train: list[QAExample]) -> str:
+    """What the run's output depends on: its settings, the data (the samples' keys hash their text) and the
+    content of every model it reads (a model replaced at the same path makes another run)."""
+    from raftune.models import DEFAULT_ENCODER, embedded_encoder_path
+
+    models = [cfg.model] + ([cfg.fusion_model or cfg.model, *cfg.judges] if cfg.mode == "raft" else [])
+    encoder = str(embedded_encoder_path()) if cfg.encoder == DEFAULT_ENCODER else cfg.encoder
+    inputs = [outputs.model_fingerprint(m) for m in models] + ([outputs.model_fingerprint(encoder)] if cfg.mode == "raft" else [])
+    return stable_hash({"settings": cfg.output_settings(), "data": [ex.key for ex in train], "models": inputs}, 12)
+
+
 def run_dir_for(cfg: RefineConfig, train: list[QAExample]) -> Path:
-    ident = stable_hash({"settings": cfg.output_settings(), "data": [ex.key for ex in train]}, 12)
-    return Path(cfg.out_dir) / f"refine-{ident}"
+    return Path(cfg.out_dir) / f"refine-{run_key(cfg, train)}"
 
 
 def _load_records(run: Path, own_log: Path | None = None) -> list[dict]:
     """All record logs of the run. Only ``own_log`` (held under our lock) has a cut-off last line
-    repaired; another shard's log may be mid-write, so its partial line is just skipped."""
+    repaired; another shard's log may be mid-write, so its partial line is just skipped. Every record
+    carries the key of the run that wrote it: a log copied in from a run of other settings, data or
+    models is refused, never merged (records from before keys were written carry none)."""
+    manifest = outputs.read_manifest(run)
+    key = manifest["key"] if manifest else None
     rows = []
     for path in sorted(run.glob("records*.jsonl")):
-        rows.extend(read_jsonl_log(path, repair=path == own_log))
+        part = read_jsonl_log(path, repair=path == own_log)
+        if key is not None and (other := next((r["run"] for r in part if r.get("run", key) != key), None)):
+            raise MergeError(f"{path}: records of another refine run (key {other}; this run's is {key}): it was copied "
+                             "from a run of other settings, data or models; take it out of the folder")
+        rows.extend(part)
     return rows
 
 
@@ -366,8 +385,10 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
                                messages_field=cfg.messages_field)
     log.info(report.describe())
     train, heldout = split_train_test(examples, cfg.test_fraction, cfg.seed)
-    run = run_dir_for(cfg, train)
-    run.mkdir(parents=True, exist_ok=True)
+    key = run_key(cfg, train)
+    run = Path(cfg.out_dir) / f"refine-{key}"
+    # shards of one run share the folder (each holds the lock of its own log), so no folder lock
+    outputs.claim(run, "refine", key, other_key="refuse")
     targets = train[: cfg.limit] if cfg.limit else train
     atomic_write_json(run / "config.json", {**dataclasses.asdict(cfg), "resolved": cfg.output_settings(),
                                             "data_report": dataclasses.asdict(report)})
@@ -387,7 +408,7 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
         mine = [(i, ex) for i, ex in enumerate(targets) if i % n_shards == i_shard]
         todo = [(i, ex) for i, ex in mine if ex.key not in done]
         log.info("%s: %d targets in this shard, %d already done, %d to do", run, len(mine), len(mine) - len(todo), len(todo))
-        failed = _refine_loop(cfg, todo, len(mine), records_path, run, progress) if todo else []
+        failed = _refine_loop(cfg, todo, len(mine), records_path, run, key, progress) if todo else []
     if failed:
         raise _failure(run, failed, len(todo))
 
@@ -398,7 +419,7 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
     return run
 
 
-def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path, progress: bool) -> list[dict]:
+def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run: Path, key: str, progress: bool) -> list[dict]:
     """Refine ``todo`` batch by batch into ``records_path``; returns the samples that failed (not recorded)."""
     from rich.progress import (
         BarColumn,
@@ -438,7 +459,7 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
             fit = [b for b, n in zip(batch, sizes) if n <= budget]
             records, batch_failed = refine_batch(fit, cfg, original, fusion, judges, sem_filter, templates) if fit else ([], [])
             records = long + records
-            append_jsonl(records_path, records)  # the batch is durable before it counts as done
+            append_jsonl(records_path, [{**r, "run": key} for r in records])  # durable before it counts as done
             failed += batch_failed  # not in the log: the next run with the same settings retries them
             for f in batch_failed:
                 log.warning("sample %s failed, not recorded: %s", f["key"], "; ".join(f["errors"]))
@@ -507,6 +528,8 @@ def merge(run: str | Path) -> dict:
     atomic_write_json(run / "summary.json", summary)
     if summary["mode"] == "raft":  # the plots show the filter and the judges, which SDFT does not have
         plot_summary(records, summary, cfg["tau"], run)
+    if outputs.read_manifest(run) is not None:
+        outputs.mark_complete(run)
     return summary
 
 

@@ -31,6 +31,7 @@ valid tokens, divided by the number of valid tokens of the whole optimizer step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -45,7 +46,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from raftune import losses
+from raftune import losses, outputs
 from raftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from raftune.data import QAExample, load_qa
 from raftune.distributed import (
@@ -56,7 +57,7 @@ from raftune.distributed import (
     trainable_state,
 )
 from raftune.files import append_jsonl, atomic_write_json, stable_hash
-from raftune.generation.engine import CompileMode
+from raftune.generation.engine import CompileMode, compile_fallback_of
 from raftune.models import context_length, eval_mode
 from raftune.rollout import RolloutConfig, sample_trajectories
 from raftune.sequences import (
@@ -317,6 +318,12 @@ def domain_loss(model, tok, examples: list[QAExample], batch_size: int, max_len:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train ``cfg`` and return its run folder; the same call resumes it from its last checkpoint."""
+    with contextlib.ExitStack() as hold:  # the run folder's lock, held until the run ends
+        return _train(cfg, progress, hold)
+
+
+def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
@@ -354,9 +361,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     replay_set = _seeded_order(load_qa(cfg.replay_data)[0], cfg.seed) if cfg.replay_data else []
     execution = ("out_dir", "tensorboard", "name", "device", "save_every", "keep_checkpoints", "eval_every", "max_bad_steps", "fsdp",
                  "gradient_checkpointing")
-    ident = stable_hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution}, 10)  # what the run computes
+    # what the run computes: its settings and the content of the models and data it reads (a model
+    # replaced at the same path is another run, never the resumption of this one)
+    made_of = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution},
+               "models": [outputs.model_fingerprint(m) for m in (cfg.model, cfg.teacher_model)],
+               "data": [outputs.data_fingerprint(d) for d in (cfg.data, cfg.eval_data, cfg.replay_data)]}
+    ident = stable_hash(made_of, 10)
     run = Path(cfg.out_dir) / (cfg.name or f"train-{cfg.method}-{ident}")
-    run.mkdir(parents=True, exist_ok=True)
+    what = f"method {cfg.method}, lr {cfg.learning_rate:g}, model {cfg.model}, data {cfg.data}"
+    if acc.is_main_process:  # one process writes the run folder, and one run at a time
+        outputs.claim(run, "train", ident, other_key="refuse", what=what,
+                      hint="give another name (or out_dir) for a run of these settings")
+        hold.enter_context(outputs.locked(run, f"training {cfg.method}"))
+    acc.wait_for_everyone()
     atomic_write_json(run / "config.json", {**dataclasses.asdict(cfg), "learning_rate": cfg.learning_rate,
                                             "data_report": dataclasses.asdict(report)})
 
@@ -398,15 +415,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # --- resume
     if ckpts := list_checkpoints(run):
-        saved = load_checkpoint(run / f"checkpoint-{ckpts[-1]}", acc.unwrap_model(model), optimizer, scheduler)
+        saved = load_checkpoint(run / f"checkpoint-{ckpts[-1]}", acc.unwrap_model(model), optimizer, scheduler, key=ident)
         balancer.load_state_dict(saved.pop("balancer"))
-        state.update(saved)
+        state.update({k: v for k, v in saved.items() if k in state})
         log.info("resumed from %s at step %d", run / f"checkpoint-{ckpts[-1]}", state["step"])
 
     def checkpoint():
         if fsdp or acc.is_main_process:  # under FSDP the weights are gathered by every process
             save_checkpoint(run, state["step"], acc.unwrap_model(model), optimizer, scheduler,
-                            {**state, "balancer": balancer.state_dict()}, cfg.keep_checkpoints, write=acc.is_main_process)
+                            {**state, "balancer": balancer.state_dict(), "run_key": ident}, cfg.keep_checkpoints,
+                            write=acc.is_main_process)
 
     stop = {"signal": None}
 
@@ -443,6 +461,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     batches = micro_batches()
     rollout_cfg = RolloutConfig(cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_compile)
+    fallback = None  # why the rollouts' compiled decoding failed, once recorded
     columns = [TextColumn(f"train {cfg.method}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not (progress and acc.is_main_process)) as bar:
@@ -560,6 +579,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 row["ce_over_lambda_kl"] = ce_step / (lam * kl_step) if lam * kl_step > 0 else None
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and eval_set:
                 row["eval_domain_loss"] = held_out_loss()
+            if spec.kl and (why := compile_fallback_of(acc.unwrap_model(model).lm)) and why != fallback:
+                fallback = row["rollout_compile_fallback"] = why  # the first step that decoded eagerly
+                if acc.is_main_process:  # beside the settings: this run's rollouts are not compiled
+                    atomic_write_json(run / "config.json", {**json.loads((run / "config.json").read_text()),
+                                                            "rollout_compile_fallback": why})
             if acc.is_main_process:
                 _log(run, writer, row)
             bar.update(task, advance=1, info=" ".join(f"{k} {row[k]:.3g}" for k in ("ce", "kl", "lambda") if row.get(k) is not None))
@@ -585,6 +609,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         from raftune.plots import plot_training
 
         plot_training(run / "metrics.jsonl", run)
+        outputs.mark_complete(run)
     acc.wait_for_everyone()
     return run
 

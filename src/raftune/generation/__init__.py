@@ -52,7 +52,10 @@ def open_generator(
     compile: str = "auto",
 ) -> Generator:
     """The backend for ``spec``; the same spec (and settings) returns the same instance."""
-    key = (spec, batch_size, device, dtype, api_key_env, concurrency, timeout_s, max_retries, compile)
+    from raftune.outputs import model_fingerprint
+
+    # by content too: a model replaced at the same path (a post-hoc model made again) is loaded again
+    key = (spec, model_fingerprint(spec), batch_size, device, dtype, api_key_env, concurrency, timeout_s, max_retries, compile)
     if key in _OPEN:
         return _OPEN[key]
     if is_remote_spec(spec):

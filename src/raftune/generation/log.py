@@ -10,7 +10,7 @@ from raftune.generation.base import Completion, Generator, Messages, SamplingPar
 
 
 class CompletionLog:
-    """Completions logged to a JSONL file as they are made, keyed by backend, conversation and settings;
+    """Completions logged to a JSONL file as they are made, keyed by the backend's content, conversation and settings;
     one log may serve several generators (a model and its judges). ``also`` are other runs' logs,
     read but never written: their completions are served too (an evaluation reuses the base model's
     answers that the base model's own evaluation made)."""
@@ -38,16 +38,19 @@ class CachedGenerator:
     local model and tokenizer, the batch size, the name) are the backend's.
     """
 
-    def __init__(self, inner: Generator, log: CompletionLog):
+    def __init__(self, inner: Generator, log: CompletionLog, identity: str | None = None):
         self.inner = inner
         self.log = log
+        # what the backend is, for the log's keys: its content (``outputs.model_fingerprint``), so a model
+        # replaced at the same path is never served the old one's answers; its name where none is given
+        self.identity = identity or inner.name
         self.hits = 0
 
     def __getattr__(self, name):  # only called for what this class does not define
         return getattr(self.inner, name)
 
     def chat(self, conversations: Sequence[Messages], params: SamplingParams) -> list[Completion]:
-        keys = [stable_hash([self.inner.name, c, asdict(params)], 24) for c in conversations]
+        keys = [stable_hash([self.identity, c, asdict(params)], 24) for c in conversations]
         out = [self.log.entries.get(k) for k in keys]
         todo = [i for i, c in enumerate(out) if c is None]
         self.hits += len(keys) - len(todo)
