@@ -258,7 +258,7 @@ def test_an_incomplete_evaluation_is_tabled_with_a_warning_and_a_marker(tmp_path
                                    "config": {"suites": ["domain", "ifeval", "mmlu", "general"]}}))
     with caplog.at_level("WARNING", logger="raftune.compare"):
         out = compare(folders, None, tmp_path / "cmp")
-    [warning] = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    [warning] = [rec.getMessage() for rec in caplog.records if "incomplete evaluation" in rec.getMessage()]
     assert warning.startswith(f"{stopped}: incomplete evaluation") and "missing suite(s) mmlu, general" in warning
     assert out["incomplete"] == {"sft": ["mmlu", "general"]}
     md = out["markdown"]
@@ -314,3 +314,206 @@ def test_compare_command_marks_an_incomplete_evaluation(tmp_path):
     assert result.exit_code == 0, result.output
     assert "incomplete evaluation" in " ".join(result.output.split())  # the log handler wraps its lines
     assert "| sft (incomplete) |" in result.output
+
+
+# --- impossible values: no evaluation produces them, so the file is refused ----------------------------------
+
+IMPOSSIBLE = {  # test id: (suites changed, what the error says after the file name)
+    "d_acc-above-1": ({"domain": {"d_acc": 1.5}}, "suites.domain.d_acc: expected a rate in [0, 1], got 1.5"),
+    "d_acc-negative": ({"domain": {"d_acc": -0.1}}, "suites.domain.d_acc: expected a rate in [0, 1], got -0.1"),
+    "d_acc-nan": ({"domain": {"d_acc": float("nan")}}, "suites.domain.d_acc: expected a rate in [0, 1], got NaN"),
+    "mmlu-infinity": ({"mmlu": {"accuracy": float("inf")}}, "suites.mmlu.accuracy: expected a rate in [0, 1], got Infinity"),
+    "ifeval-loose-above-1": ({"ifeval": {"prompt_strict": 0.4, "prompt_loose": 1.2}},
+                             "suites.ifeval.prompt_loose: expected a rate in [0, 1], got 1.2"),
+    "score-below-scale": ({"general": {"mean_score": 0.5}}, "suites.general.mean_score: expected a score in [1, 10], got 0.5"),
+    "score-above-scale": ({"general": {"mean_score": 11}}, "suites.general.mean_score: expected a score in [1, 10], got 11"),
+    "win-rate-above-1": ({"general": {"win_rate": 2.0}}, "suites.general.win_rate: expected a rate in [0, 1], got 2.0"),
+    "cosine-below-minus-1": ({"domain": {"d_acc": 0.1, "cosine": -1.5}},
+                             "suites.domain.cosine: expected a cosine in [-1, 1], got -1.5"),
+    "kl-negative": ({"drift": {"kl_base_to_tuned": -0.2}}, "suites.drift.kl_base_to_tuned: expected a divergence >= 0, got -0.2"),
+    "perplexity-below-1": ({"drift": {"kl_base_to_tuned": 0.1, "tuned_perplexity": 0.5}},
+                           "suites.drift.tuned_perplexity: expected a perplexity >= 1, got 0.5"),
+    "weight-distance-negative": ({"weights": {"mean": -0.01}}, "suites.weights.mean: expected a distance >= 0, got -0.01"),
+    "count-negative": ({"domain": {"d_acc": 0.1, "n": -3}}, "suites.domain.n: expected a count (an integer >= 0), got -3"),
+    "count-fractional": ({"ifeval": {"prompt_strict": 0.4, "n_prompts": 2.5}},
+                         "suites.ifeval.n_prompts: expected a count (an integer >= 0), got 2.5"),
+    "count-a-bool": ({"general": {"mean_score": 6, "n_scored": True}},
+                     "suites.general.n_scored: expected a count (an integer >= 0), got true"),
+    "subject-count-negative": ({"mmlu": {"accuracy": 0.3, "per_subject": {"anatomy": {"accuracy": 0.3, "n": -1}}}},
+                               "suites.mmlu.per_subject.anatomy.n: expected a count (an integer >= 0), got -1"),
+    "subject-accuracy-above-1": ({"mmlu": {"accuracy": 0.3, "per_subject": {"anatomy": {"accuracy": 3, "n": 4}}}},
+                                 "suites.mmlu.per_subject.anatomy.accuracy: expected a rate in [0, 1], got 3"),
+    "per-subject-a-list": ({"mmlu": {"accuracy": 0.3, "per_subject": ["anatomy"]}},
+                           "suites.mmlu.per_subject: expected an object, got a list"),
+    "data-hashes-a-list": ({}, "inputs.data: expected an object, got a list"),
+}
+
+
+@pytest.mark.parametrize("suites, fragment", IMPOSSIBLE.values(), ids=IMPOSSIBLE)
+def test_a_value_no_evaluation_can_produce_is_refused(tmp_path, suites, fragment):
+    base = write(tmp_path, "base", GOOD["suites"])
+    bad = tmp_path / "eval-sft" / "results.json"
+    bad.parent.mkdir()
+    content = {"suites": {**GOOD["suites"], **suites}, "config": {}}
+    if not suites:
+        content["inputs"] = {"data": ["file:abc"]}
+    bad.write_text(json.dumps(content))  # json writes NaN and Infinity as raftune's own writer would have
+    with pytest.raises(CompareError) as e:
+        compare([base, bad.parent], None, tmp_path / "cmp")
+    assert str(e.value).startswith(f"{bad}: ") and fragment in str(e.value), str(e.value)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_values_at_the_edges_of_their_ranges_are_tabled(tmp_path):
+    edges = {"domain": {"d_acc": 1.0, "rouge_l": 0.0, "cosine": -1.0, "n": 0}, "general": {"mean_score": 10},
+             "mmlu": {"accuracy": 0, "per_subject": {"anatomy": {"accuracy": 0.0, "n": 3}}},
+             "drift": {"kl_base_to_tuned": 0.0, "tuned_perplexity": 1.0}, "weights": {"mean": 0.0}}
+    out = compare([write(tmp_path, "raft", edges)], None, tmp_path / "cmp")
+    assert out["rows"]["raft"]["D-Acc"] == 1.0 and out["rows"]["raft"]["General"] == 10
+
+
+# --- comparability: deltas only between runs that scored the same samples the same way -------------------------
+
+HASH = {"domain_data": "file:" + "a" * 32, "ifeval_data": "file:" + "b" * 32, "mmlu_folder": "folder:" + "c" * 32,
+        "general_data": "file:" + "d" * 32}
+
+
+def counted(d_acc, ifeval, mmlu, general, n=100):
+    """Summaries as raftune eval writes them: with the counts of the samples scored."""
+    return {"domain": {"d_acc": d_acc, "rouge_l": 0.3, "n": n, "n_judged": n, "n_unjudged": 0},
+            "ifeval": {"prompt_strict": ifeval, "prompt_loose": ifeval + 0.02, "n_prompts": 50},
+            "mmlu": {"accuracy": mmlu, "n": 20, "form": "cloze", "shots": 0,
+                     "per_subject": {"anatomy": {"accuracy": mmlu, "n": 10}, "virology": {"accuracy": mmlu, "n": 10}}},
+            "general": {"mean_score": general, "mode": "score", "aggregate": "mean", "n": 80, "n_scored": 80}}
+
+
+def write_run(tmp_path, name, suites, data=HASH):
+    folder = tmp_path / f"eval-{name}"
+    folder.mkdir()
+    content = {"suites": suites, "config": {}, "complete": True}
+    if data is not None:
+        content["inputs"] = {"model": f"folder:{name}", "data": data}
+    (folder / "results.json").write_text(json.dumps(content))
+    return folder
+
+
+def three_runs(tmp_path, raft=None, raft_data=HASH, sft_data=HASH):
+    return [write_run(tmp_path, "base", counted(0.10, 0.40, 0.25, 6.0)),
+            write_run(tmp_path, "sft", counted(0.128, 0.30, 0.24, 4.5), data=sft_data),
+            write_run(tmp_path, "raft", raft or counted(0.172, 0.38, 0.25, 5.7), data=raft_data)]
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_runs_on_the_same_data_are_compared_without_a_word(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="raftune.compare"):
+        out = compare(three_runs(tmp_path), None, tmp_path / "cmp")
+    assert _warnings(caplog) == []
+    assert "| raft | 17.2 (+4.4 vs SFT)" in out["markdown"] and "n/c" not in out["markdown"]
+    assert out["comparability"]["sft"]["raft"]["domain"] == {"comparable": True, "why": []}
+
+
+def test_a_run_on_other_data_gets_no_delta_but_a_warning_and_a_marker(tmp_path, caplog):
+    other = {**HASH, "domain_data": "file:" + "e" * 32}  # raft evaluated on another held-out file
+    with caplog.at_level("WARNING", logger="raftune.compare"):
+        out = compare(three_runs(tmp_path, raft_data=other), None, tmp_path / "cmp")
+    [warning] = _warnings(caplog)
+    assert "raft vs sft: suite domain not comparable" in warning and "domain_data differs" in warning
+    md = out["markdown"]
+    assert "| raft | 17.2 (n/c vs SFT) | 38.0 (+8.0 vs SFT)" in md  # only the domain suite's columns lose their delta
+    assert "+4.4" not in md and "n/c: `raft` vs `sft`, suite domain: domain_data differs" in md
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["comparability"]["sft"]["raft"]["domain"]["comparable"] is False
+    assert saved["comparability"]["sft"]["raft"]["ifeval"]["comparable"] is True
+    assert saved["rows"]["raft"]["D-Acc"] == 0.172  # its own value is still tabled
+
+
+SAMPLES = {  # test id: (suite, summary keys changed in the raft run, what the reason says)
+    "domain-fewer-samples": ("domain", {"n": 50, "n_judged": 50}, "n 50 vs 100"),
+    "domain-fewer-judged": ("domain", {"n_judged": 95, "n_unjudged": 5}, "n_judged 95 vs 100"),
+    "ifeval-limit": ("ifeval", {"n_prompts": 10}, "n_prompts 10 vs 50"),
+    "mmlu-shots": ("mmlu", {"shots": 5}, "shots 5 vs 0"),
+    "mmlu-form": ("mmlu", {"form": "letter"}, 'form "letter" vs "cloze"'),
+    "mmlu-subjects": ("mmlu", {"per_subject": {"anatomy": {"accuracy": 0.25, "n": 10}, "law": {"accuracy": 0.25, "n": 10}}},
+                      "subjects differ (only here: law; only in sft: virology)"),
+    "mmlu-limit-per-subject": ("mmlu", {"n": 15, "per_subject": {"anatomy": {"accuracy": 0.25, "n": 10},
+                                                                 "virology": {"accuracy": 0.25, "n": 5}}},
+                               "virology 5 vs 10"),
+    "general-aggregate": ("general", {"aggregate": "majority"}, 'aggregate "majority" vs "mean"'),
+    "general-scored": ("general", {"n_scored": 70}, "n_scored 70 vs 80"),
+}
+
+
+@pytest.mark.parametrize("suite, changed, reason", SAMPLES.values(), ids=SAMPLES)
+def test_other_samples_or_scoring_is_not_comparable(tmp_path, caplog, suite, changed, reason):
+    raft = counted(0.172, 0.38, 0.25, 5.7)
+    raft[suite] = {**raft[suite], **changed}
+    with caplog.at_level("WARNING", logger="raftune.compare"):
+        out = compare(three_runs(tmp_path, raft=raft), None, tmp_path / "cmp")
+    verdict = out["comparability"]["sft"]["raft"][suite]
+    assert verdict["comparable"] is False and any(reason in why for why in verdict["why"]), verdict
+    assert any(f"raft vs sft: suite {suite} not comparable" in w and reason in w for w in _warnings(caplog))
+    assert f"n/c: `raft` vs `sft`, suite {suite}: " in out["markdown"]
+
+
+def test_retention_against_a_base_on_other_samples_is_not_a_number(tmp_path, caplog):
+    folders = three_runs(tmp_path)
+    base = counted(0.10, 0.40, 0.25, 6.0)
+    base["ifeval"]["n_prompts"] = 541  # the base evaluated on the whole IFEval set, the others on 50 prompts
+    (folders[0] / "results.json").write_text(json.dumps({"suites": base, "config": {}, "inputs": {"data": HASH}}))
+    with caplog.at_level("WARNING", logger="raftune.compare"):
+        out = compare(folders, None, tmp_path / "cmp")
+    assert out["retention"]["raft"]["IFEval strict"] is None and out["retention"]["raft"]["MMLU"] == pytest.approx(1.0)
+    assert any("raft vs base: suite ifeval not comparable" in w for w in _warnings(caplog))
+    retention = out["markdown"].split("Retention")[1]
+    assert "| raft | n/c | n/c | 100.0% | 95.0% |" in retention
+    assert "n/c: `raft` vs `base`, suite ifeval: n_prompts 50 vs 541" in retention
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["retention"]["raft"]["IFEval strict"] is None
+
+
+def test_results_without_data_hashes_are_compared_but_said_unchecked(tmp_path, caplog):
+    """A results.json of an older raftune eval holds no content hash of its data: the deltas are tabled,
+    and the output says that whether the runs saw the same data could not be checked."""
+    with caplog.at_level("WARNING", logger="raftune.compare"):
+        out = compare(three_runs(tmp_path, sft_data=None), None, tmp_path / "cmp")
+    assert "| raft | 17.2 (+4.4 vs SFT)" in out["markdown"]
+    assert out["comparability"]["sft"]["raft"]["domain"]["comparable"] is None
+    [warning] = _warnings(caplog)
+    assert warning.startswith("could not check the data of base vs sft (domain, ifeval, mmlu, general), "
+                              "raft vs sft (domain, ifeval, mmlu, general), sft vs base (ifeval, mmlu, general)"), warning
+    assert "not checked: `raft` vs `sft`, suite(s) domain, ifeval, mmlu, general" in out["markdown"]
+    assert out["comparability"]["base"]["raft"]["ifeval"]["comparable"] is True  # base and raft both hold hashes
+
+
+def test_different_counts_are_caught_even_without_data_hashes(tmp_path):
+    raft = counted(0.172, 0.38, 0.25, 5.7, n=60)
+    out = compare(three_runs(tmp_path, raft=raft, raft_data=None), None, tmp_path / "cmp")
+    assert out["comparability"]["sft"]["raft"]["domain"]["comparable"] is False and "(n/c vs SFT)" in out["markdown"]
+
+
+# --- comparison.json is strict JSON ------------------------------------------------------------------------------
+
+def _strict(text):
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_comparison_json_is_strict_json_with_missing_and_overflowing_values(tmp_path):
+    base = {"general": {"win_rate": 5e-324, "mode": "pairwise"}, "domain": {"d_acc": None}}  # a rate, if a tiny one
+    raft = {"general": {"win_rate": 0.5, "mode": "pairwise"}, "domain": {"d_acc": 0.2}}
+    folders = [write(tmp_path, "base", base), write(tmp_path, "raft", raft)]
+    out = compare(folders, None, tmp_path / "cmp")
+    saved = _strict((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["retention"]["raft"]["General win rate"] is None  # 0.5 / 5e-324 overflows: no ratio, not Infinity
+    assert saved["rows"]["base"]["D-Acc"] is None and out["rows"]["raft"]["D-Acc"] == 0.2
+
+
+def test_a_table_built_from_nan_values_holds_none():
+    """build_table is library API (``raftune run`` hands it what it read): a NaN is a missing value there."""
+    t = build_table({"base": results(0.1, 0.4, 0.25, 6.0), "sft": results(float("nan"), 0.3, float("inf"), 5.0)})
+    assert t["rows"]["sft"]["D-Acc"] is None and t["rows"]["sft"]["MMLU"] is None
+    _strict(json.dumps(t))

@@ -330,7 +330,8 @@ def _not_comparable_notes(table: dict, ref: str, suites) -> str:
     for label, verdicts in table.get("comparability", {}).get(ref, {}).items():
         for suite, v in verdicts.items():
             if suite in suites and v["comparable"] is False:
-                out += f"\nn/c: `{label}` vs `{ref}`, suite {suite}: {'; '.join(v['why'])}.\n"
+                out += (f"\nn/c: `{label}` vs `{ref}`, suite {suite}: {'; '.join(v['why'])}; not comparable, so no "
+                        f"{'change' if ref == 'sft' else 'retention'} is given.\n")
         unchecked = [s for s, v in verdicts.items() if s in suites and v["comparable"] is None]
         if unchecked:
             out += (f"\nnot checked: `{label}` vs `{ref}`, suite(s) {', '.join(unchecked)}: a results.json holds no "
@@ -339,6 +340,7 @@ def _not_comparable_notes(table: dict, ref: str, suites) -> str:
 
 
 def _warn_comparability(table: dict) -> None:
+    unchecked = []
     for ref, by_label in table["comparability"].items():
         what = "deltas" if ref == "sft" else "retention"
         for label, verdicts in by_label.items():
@@ -346,9 +348,11 @@ def _warn_comparability(table: dict) -> None:
                 if v["comparable"] is False:
                     log.warning("%s vs %s: suite %s not comparable (%s); no %s reported for it", label, ref, suite,
                                 "; ".join(v["why"]), what)
-            if unchecked := [s for s, v in verdicts.items() if v["comparable"] is None]:
-                log.warning("%s vs %s: could not check the data of suite(s) %s (no content hash in a results.json: an "
-                            "older raftune eval); %s tabled on trust", label, ref, ", ".join(unchecked), what)
+            if suites := [s for s, v in verdicts.items() if v["comparable"] is None]:
+                unchecked.append(f"{label} vs {ref} ({', '.join(suites)})")
+    if unchecked:  # one line: every pair of runs from an older eval lacks the hashes alike
+        log.warning("could not check the data of %s: a results.json holds no content hash of its data (an older "
+                    "raftune eval); tabled on trust", ", ".join(unchecked))
 
 
 def _shown(label: str, table: dict) -> str:
@@ -378,8 +382,7 @@ def to_markdown(table: dict) -> str:
                 cell += f" ({delta:+.1f} vs SFT)" if pct[c] else f" ({delta:+.3g} vs SFT)"
             cells.append(cell)
         lines.append(f"| {_shown(label, table)} | " + " | ".join(cells) + " |")
-    out = "## Results (Table 1 shape)\n\nPercentages for accuracies; change vs the run labelled `sft` in brackets " \
-          "(n/c: not comparable, the runs scored other samples or scored them otherwise).\n\n"
+    out = "## Results (Table 1 shape)\n\nPercentages for accuracies; change vs the run labelled `sft` in brackets.\n\n"
     out += "\n".join(lines) + "\n"
     out += _not_comparable_notes(table, "sft", {COLUMN_SUITE[c] for c in cols})
     for label, missing in table.get("incomplete", {}).items():
