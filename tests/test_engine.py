@@ -1,8 +1,12 @@
 """The decode engine: equal to ``generate`` when greedy, reproducible when sampling, its KV cache in the
 compute dtype, and its compiled decode step reused across batches of a bucket."""
+import json
+import logging
+
 import pytest
 import torch
 
+from raftune.generation import engine as engine_module
 from raftune.generation.engine import DecodeEngine, end_mask, pick_tokens
 from raftune.models import load_model_and_tokenizer
 
@@ -123,6 +127,90 @@ def test_compiled_step_equals_eager_and_is_reused_within_a_bucket(tiny):
     a = compiled.generate(prompts, 16, temperature=1.0, batch_bucket=4).tokens_BN
     torch.manual_seed(5)
     assert torch.equal(a, compiled.generate(prompts, 16, temperature=1.0, batch_bucket=4).tokens_BN)
+
+
+NO_TRITON = "Cannot find a working triton installation. Either the package is not installed or it is too old."
+
+
+def no_triton(gm, example_inputs):
+    """A compile backend that fails as inductor does on a machine without a working Triton."""
+    raise RuntimeError(NO_TRITON)
+
+
+def fallback_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "raftune.generation.engine" and "decoding eagerly" in r.getMessage()]
+
+
+def test_a_failing_compile_decodes_eagerly_with_the_same_tokens_and_warns_once(tiny, monkeypatch, caplog):
+    """The compile backend raises at the step's first call: the failed step runs again eagerly (the eager
+    engine's tokens, no step lost or doubled), every later call decodes eagerly, and the process logs
+    one warning with the cause, however many engines fail."""
+    import torch._dynamo
+
+    model, tok = tiny
+    torch._dynamo.reset()
+    monkeypatch.setattr(engine_module, "_fallback_warned", False)  # once per process: start this test's process afresh
+    eos = {tok.eos_token_id}
+    prompts = chat_ids(tok, QUESTIONS)
+    eager = DecodeEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, compile="off")
+    ref = eager.generate(prompts, 16)
+    failing = [DecodeEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, compile="default", backend=no_triton)
+               for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="raftune.generation.engine"):
+        outs = [e.generate(prompts, 16, batch_bucket=4) for e in failing]
+        later = failing[0].generate(prompts[2:], 16, batch_bucket=4)
+    for out, engine in zip(outs, failing):
+        assert out.tokens_BN.tolist() == ref.tokens_BN.tolist() and out.mask_BN.tolist() == ref.mask_BN.tolist()
+        assert engine.compile_fallback == f"BackendCompilerFailed: RuntimeError: {NO_TRITON}"
+        assert not engine.compiling(torch.device("cpu"))
+    assert failing[1].stats["decode_steps"] == eager.stats["decode_steps"]  # the failed step counted once
+    assert later.tokens_BN.tolist() == eager.generate(prompts[2:], 16).tokens_BN.tolist()
+    (warning,) = fallback_warnings(caplog)
+    assert f"RuntimeError: {NO_TRITON}" in warning and "\n" not in warning
+
+
+def test_a_training_run_whose_rollouts_fail_to_compile_finishes_and_records_why(tiny_model_dir, tmp_path, monkeypatch):
+    """RAFT with ``rollout_compile: default`` (inductor), inductor made to fail by its own testing switch
+    (an error at its first compile, as a broken Triton gives on CUDA): the run trains to its end,
+    eagerly, and its config.json and the metrics of its first step say why."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from raftune.train import TrainConfig, train
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config, "_raise_error_for_testing", True)
+    data = tmp_path / "fused.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What does f{i} do?", "answer": f"f{i} returns {i} squared."}) + "\n"
+                            for i in range(8)))
+    run = train(TrainConfig(data=str(data), model=str(tiny_model_dir), out_dir=str(tmp_path / "runs"), method="raft",
+                            batch_size=4, max_steps=2, rollout_max_new_tokens=6, device="cpu", lr=1e-3, top_k=16,
+                            rollout_compile="default"), progress=False)
+    why = json.loads((run / "config.json").read_text())["rollout_compile_fallback"]
+    assert why == "BackendCompilerFailed: AssertionError", why
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "lr" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor([r["ce"], r["kl"]])).all() for r in rows)
+    assert rows[0]["rollout_compile_fallback"] == why and "rollout_compile_fallback" not in rows[1]
+    assert (run / "model" / "model.safetensors").exists()
+
+
+def test_an_evaluation_records_the_fallback_of_its_local_models(tiny_model_dir, tmp_path, monkeypatch):
+    """results.json names the local models whose compiled decoding failed, with why."""
+    from raftune.evaluate import EvalConfig, evaluate
+    from raftune.generation import open_generator
+
+    data = tmp_path / "domain.jsonl"
+    data.write_text(json.dumps({"question": "Why is the sky blue?", "answer": "Rayleigh scattering."}) + "\n")
+    cfg = EvalConfig(model=str(tiny_model_dir), judges=(str(tiny_model_dir),), suites=("domain",), domain_data=str(data),
+                     out_dir=str(tmp_path / "runs"), max_new_tokens=4, judge_max_new_tokens=4, judge_retries=0,
+                     device="cpu")
+    shared = open_generator(str(tiny_model_dir), batch_size=cfg.batch_size, device="cpu")  # what evaluate opens
+    monkeypatch.setattr(shared, "engine", DecodeEngine(shared.model, pad_id=shared.tokenizer.pad_token_id,
+                                                       eos_ids=shared.eos_ids, compile="default", backend=no_triton))
+    results = json.loads((evaluate(cfg, progress=False) / "results.json").read_text())
+    assert results["compile_fallback"] == {str(tiny_model_dir): f"BackendCompilerFailed: RuntimeError: {NO_TRITON}"}
+    assert results["complete"]
 
 
 def test_pick_tokens_greedy_and_nucleus():

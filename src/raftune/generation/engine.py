@@ -23,6 +23,13 @@ which crashes under bf16 autocast with fp32 master weights (the trainer's case).
 - stops when every row has produced an end-of-turn token, or after ``max_new_tokens``. Rows that
   stopped are padded with ``pad_id``; the mask keeps each row up to and including its first end token.
 
+The fast path never kills a run: if compiling the step fails (a missing or broken Triton or C++
+toolchain, an inductor error, an op it cannot capture, a failed CUDA-graph capture), the engine logs
+one warning per process, runs the failed step again eagerly (the same token: the step only writes the
+KV cache in place, at the same positions with the same values), decodes eagerly from then on, and
+says why in ``compile_fallback`` (``compile_fallback_of(model)``), which the trainer and the
+evaluation record in their outputs.
+
 Sampling draws from the global torch RNG (seed it with ``torch.manual_seed``): exponential race
 (argmax of p / E with E ~ Exp(1)), which samples from p with no host synchronisation. Greedy decoding
 equals ``model.generate``'s greedy output token for token (tested in fp32 on CPU).
@@ -34,13 +41,15 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from raftune.models import context_length, eval_mode
 
 log = logging.getLogger("raftune.generation.engine")
+
+_fallback_warned = False  # one warning per process: every engine of a run hits the same broken toolchain
 
 CompileMode = Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = CompileMode.__args__
@@ -122,6 +131,20 @@ def _new_cache(model, batch: int, length: int, dtype: torch.dtype, device: torch
     return cache
 
 
+def _cause(e: BaseException) -> str:
+    """A compile failure in one line: the innermost cause's type and first line (dynamo wraps a backend's
+    error in BackendCompilerFailed, whose own first line names only the backend)."""
+    root = e
+    for _ in range(8):
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    text = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
+    outer = "" if root is e else f"{type(e).__name__}: "
+    return (f"{outer}{type(root).__name__}" + (f": {text}" if text else ""))[:300]
+
+
 def _is_sharded(model) -> bool:
     """FSDP2 modules run through their own hooks: decoding them stays eager."""
     return any(hasattr(m, "unshard") and hasattr(m, "reshard") for m in model.modules())
@@ -131,11 +154,12 @@ class DecodeEngine:
     """Batched generation from token ids for one causal LM; see the module docstring.
 
     ``compile``: ``auto`` (``reduce-overhead`` on CUDA, eager elsewhere), ``off``, or a
-    ``torch.compile`` mode. ``backend`` is torch.compile's (tests use ``aot_eager`` on CPU).
-    ``stats`` counts prefills, decode steps and the distinct compiled shapes.
+    ``torch.compile`` mode. ``backend`` is torch.compile's, a name or a callable (tests use ``aot_eager``
+    on CPU). ``stats`` counts prefills, decode steps and the distinct compiled shapes.
+    ``compile_fallback``: None, or why compiling failed and the engine decodes eagerly.
     """
 
-    def __init__(self, model, *, pad_id: int, eos_ids, compile: str = "auto", backend: str = "inductor",
+    def __init__(self, model, *, pad_id: int, eos_ids, compile: str = "auto", backend: str | Callable = "inductor",
                  min_length: int = 256, sync_every: int | None = None, keep_caches: int = 2):
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
@@ -149,6 +173,7 @@ class DecodeEngine:
         self.keep_caches = keep_caches
         self._caches: dict[tuple, object] = {}  # (B, L, dtype, device) -> cache, most recent last
         self._step = None
+        self.compile_fallback: str | None = None
         self._cache_kw = _cache_kwarg(model)
         self.stats = {"prefills": 0, "decode_steps": 0, "compiled_shapes": set()}
 
@@ -164,7 +189,7 @@ class DecodeEngine:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def compiling(self, device: torch.device) -> bool:
-        if self.compile == "off" or (self.compile == "auto" and device.type != "cuda"):
+        if self.compile == "off" or (self.compile == "auto" and device.type != "cuda") or self.compile_fallback:
             return False
         return not _is_sharded(self.model)
 
@@ -178,6 +203,23 @@ class DecodeEngine:
             self._step = torch.compile(_decode_step, mode=mode if self.backend == "inductor" else None,
                                        backend=self.backend, dynamic=False)
         return self._step
+
+    def _step_compiled_or_eager(self, *args):
+        """The compiled step; if it fails (compilation happens at a shape's first call, CUDA-graph capture
+        at a later one), the same step eagerly, and eager decoding from then on."""
+        if self.compile_fallback is None:
+            if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs were copied out
+            try:
+                return self._compiled_step()(*args)
+            except Exception as e:  # noqa: BLE001 - any compile failure; a real error raises again eagerly below
+                global _fallback_warned
+                self.compile_fallback = _cause(e)
+                if not _fallback_warned:
+                    _fallback_warned = True
+                    log.warning("compiling the decode step failed (%s); decoding eagerly from now on (the same "
+                                "tokens, slower)", self.compile_fallback)
+        return _decode_step(*args)
 
     def _cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device):
         key = (batch, length, dtype, device)
@@ -241,7 +283,7 @@ class DecodeEngine:
             done_B = torch.isin(tok_B, eos_E)
             out_BN[:, 0] = tok_B
             # --- decode, one token per step
-            step = self._compiled_step() if compiled else _decode_step
+            step = self._step_compiled_or_eager if compiled else _decode_step
             if compiled:
                 self.stats["compiled_shapes"].add((B, L, str(dtype), temperature > 0, top_p < 1))
             sync_every = self.sync_every or (16 if device.type == "cuda" else 1)
@@ -250,8 +292,6 @@ class DecodeEngine:
             for t in range(1, N):
                 if (t - 1) % sync_every == 0 and bool(done_B.all()):  # the only host synchronisation
                     break
-                if compiled and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are copied out below
                 nxt_B, now_done_B = step(self.model, self._cache_kw, cache, tok_B1, pos_B1, mask_BL, done_B, eos_E,
                                          self.pad_id, temperature, top_p)
                 out_BN[:, t] = nxt_B
@@ -273,6 +313,12 @@ class DecodeEngine:
 
 
 _ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, DecodeEngine]" = weakref.WeakKeyDictionary()
+
+
+def compile_fallback_of(model) -> str | None:
+    """Why the shared engine of ``model`` stopped compiling its decode step (None: it did not)."""
+    engine = _ENGINES.get(model)
+    return engine.compile_fallback if engine is not None else None
 
 
 def engine_for(model, *, pad_id: int, eos_ids, compile: str = "auto") -> DecodeEngine:
