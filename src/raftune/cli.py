@@ -152,6 +152,10 @@ _CONFIG_HELP = "flat YAML file of {stage} settings; flags override it; a section
 _DEVICE_HELP = "cpu, cuda, cuda:1 or mps (default: auto: cuda, else mps, else cpu)"
 _DTYPE_HELP = "bf16, fp16 or fp32 (default: auto: bf16 on CUDA, fp32 elsewhere)"
 _VERBOSE_HELP = "debug logging of raftune (other libraries stay at warnings)"
+_CONCURRENCY_HELP = "requests in flight per remote server (default: 8)"
+_TIMEOUT_HELP = "the most one server request may take, connecting and reading the whole answer, in seconds (default: 120)"
+_API_KEY_HELP = ("environment variable holding the servers' API key; one named here must be set (default: RAFTUNE_API_KEY, "
+                 "unset for servers without a key)")
 # train.METHODS, written out: importing train (torch) would slow every `raftune --help` by seconds;
 # tests/test_cli_help.py fails when a method is missing here
 _METHODS_HELP = "raft, or a baseline: sft, onpolicy, distill, talr, l2sp, replay (needs replay_data)"
@@ -186,9 +190,9 @@ def refine(
                                                             "has no question and answer (default: messages)"),
     device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=_DTYPE_HELP),
-    concurrency: Optional[int] = typer.Option(None, help="requests in flight per remote server (default: 8)"),
-    api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the servers' API key "
-                                                         "(default: RAFTUNE_API_KEY)"),
+    concurrency: Optional[int] = typer.Option(None, help=_CONCURRENCY_HELP),
+    timeout_s: Optional[float] = typer.Option(None, help=_TIMEOUT_HELP),
+    api_key_env: Optional[str] = typer.Option(None, help=_API_KEY_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Stage 1: rewrite, filter, fuse and judge a QA dataset into its fused version."""
@@ -196,6 +200,7 @@ def refine(
     from raftune.refine import refine as run_refine
 
     _setup_logging(verbose)
+    _stop_at_first_interrupt()
     try:
         cfg = build_config(
             RefineConfig, config, data=data, out_dir=out_dir, model=model, fusion_model=fusion_model,
@@ -203,7 +208,7 @@ def refine(
             gamma=gamma, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
             shard=parse_shard(shard) if shard else None, seed=seed, question_field=question_field,
             answer_field=answer_field, messages_field=messages_field, device=device, dtype=dtype,
-            concurrency=concurrency, api_key_env=api_key_env,
+            concurrency=concurrency, timeout_s=timeout_s, api_key_env=api_key_env,
         )
         t0 = time.perf_counter()
         run = run_refine(cfg)
@@ -286,6 +291,18 @@ def _stage_errors() -> tuple:
     from raftune.templates import TemplateError
 
     return (DataError, ModelLoadError, TemplateError, MergeError, ValueError, RuntimeError, FloatingPointError)
+
+
+def _stop_at_first_interrupt() -> None:
+    """Make the first Ctrl-C raise ``KeyboardInterrupt`` and ignore the later ones: the command is stopping
+    by then, and a second press landing in its clean-up printed a traceback instead of the message."""
+    import signal
+
+    def interrupted(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
 
 
 def _stage_ended(error: BaseException, saved: str = "the work finished so far is saved") -> NoReturn:
@@ -426,6 +443,9 @@ def eval_cmd(
     batch_size: Optional[int] = typer.Option(None, help="samples per batch (default: 16)"),
     device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=_DTYPE_HELP),
+    concurrency: Optional[int] = typer.Option(None, help=_CONCURRENCY_HELP),
+    timeout_s: Optional[float] = typer.Option(None, help=_TIMEOUT_HELP),
+    api_key_env: Optional[str] = typer.Option(None, help=_API_KEY_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Evaluate a model: D-Acc, IFEval, MMLU, judged general QA, drift, weight distance, retention."""
@@ -434,6 +454,7 @@ def eval_cmd(
     from raftune.evaluate import EvalConfig, evaluate
 
     _setup_logging(verbose)
+    _stop_at_first_interrupt()
     if model is None and "model" not in _load_flat(config, EvalConfig):
         raise typer.BadParameter("--model is required: 'default', a model folder, a .gguf file, a hub id or a server")
     try:
@@ -444,7 +465,8 @@ def eval_cmd(
             mmlu_folder=mmlu_folder, mmlu_subjects=_csv(mmlu_subjects), mmlu_limit_per_subject=mmlu_limit_per_subject,
             mmlu_shots=mmlu_shots, mmlu_form=mmlu_form, general_data=general_data, general_limit=general_limit,
             general_mode=general_mode, general_aggregate=general_aggregate, templates=templates,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, concurrency=concurrency,
+            timeout_s=timeout_s, api_key_env=api_key_env,
         )
         run = evaluate(cfg)
     except (KeyboardInterrupt, *_stage_errors()) as e:

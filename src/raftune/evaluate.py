@@ -57,6 +57,7 @@ from pydantic import Field
 from raftune import outputs
 from raftune.files import atomic_write_json, atomic_write_jsonl, stable_hash
 from raftune.generation import (
+    DEFAULT_API_KEY_ENV,
     CachedGenerator,
     CompletionLog,
     GenerationFailed,
@@ -65,9 +66,12 @@ from raftune.generation import (
     SamplingParams,
     is_remote_spec,
     open_generator,
+    public_spec,
+    public_specs,
+    server_api_key,
 )
 from raftune.judging import judge_errors, score_with_judges
-from raftune.settings import CommaList, Device, Dtype, NonNegative, Positive, settings
+from raftune.settings import CommaList, Device, Dtype, NonNegative, Positive, PositiveFloat, settings
 from raftune.templates import EVAL_TEMPLATES, load_templates
 
 log = logging.getLogger("raftune.evaluate")
@@ -251,8 +255,13 @@ class EvalConfig:
     batch_size: Positive = 16
     device: Device = None
     dtype: Dtype = None
+    concurrency: Positive = field(default=8, metadata={"help": "requests in flight per server"})
+    timeout_s: PositiveFloat = field(default=120.0, metadata={"help": "the most one server request may take, whole"})
+    api_key_env: str = field(default=DEFAULT_API_KEY_ENV, metadata={"help": "environment variable holding the servers' API key"})
 
     def __post_init__(self):
+        if any(map(is_remote_spec, (self.model, self.base_model, *self.judges))):
+            server_api_key(self.api_key_env)  # a named key that is not set fails now, not at the first request
         suites = tuple(dict.fromkeys(self.suites))
         object.__setattr__(self, "suites", suites)
         needs = {"domain": "domain_data", "ifeval": "ifeval_data", "mmlu": "mmlu_folder", "general": "general_data",
@@ -275,8 +284,8 @@ class EvalConfig:
                 raise ValueError(msg)
 
     def output_settings(self) -> dict:
-        skip = {"out_dir", "name", "batch_size", "device", "dtype"}
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        skip = {"out_dir", "name", "batch_size", "device", "dtype", "concurrency", "timeout_s", "api_key_env"}
+        d = public_specs({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
         d["templates"] = {n: t.as_dict() for n, t in load_templates(self.templates).items()  # content, not path
                           if n in EVAL_TEMPLATES}
         return json.loads(json.dumps(d))  # tuples as lists: comparable with a results.json read back
@@ -556,7 +565,8 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
     todo = [s for s in cfg.suites if s not in summaries]
     if summaries:
         log.info("%s: resuming; suites already done: %s", run, ", ".join(summaries))
-    opts = dict(batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
+    opts = dict(batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, concurrency=cfg.concurrency,
+                timeout_s=cfg.timeout_s, api_key_env=cfg.api_key_env)
     # every completion is logged: a rerun asks nothing twice, and the base model's answers that its own
     # evaluation made (general prompts) serve as the base answers of the drift and pairwise suites
     base_log = Path(cfg.base_results).parent / "completions.jsonl" if cfg.base_results else None
@@ -565,8 +575,8 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
     wanted = ([cfg.model] if todo else []) + (list(cfg.judges) if {"domain", "general"} & set(todo) else []) \
         + ([cfg.base_model] if needs_base & set(todo) else [])
     backend = {spec: open_generator(spec, **opts) for spec in dict.fromkeys(wanted)}
-    claim = outputs.claim(run, "eval", key, other_key="redo", what=f"model {cfg.model}")
-    hold.enter_context(outputs.locked(run, f"evaluating {cfg.model}"))
+    claim = outputs.claim(run, "eval", key, other_key="redo", what=f"model {public_spec(cfg.model)}")
+    hold.enter_context(outputs.locked(run, f"evaluating {public_spec(cfg.model)}"))
     if not claim.same:  # a new folder, or one of other settings or inputs: nothing of the old results stands
         for stale in [run / "results.json", *(run / f"{s}.jsonl" for s in SUITES)]:
             stale.unlink(missing_ok=True)
@@ -584,17 +594,19 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
     # the length guard's counts of this evaluation: each backend once (a judge may be the model itself), and
     # only what it cut here (a backend lives on across the evaluations of one process, e.g. `raftune run`)
     backends = {id(g.inner): g.inner for g in [model, *judges, base] if g is not None}
-    cut_before = {k: getattr(g, "truncated_prompts", 0) for k, g in backends.items()}
+    counters = ("truncated_prompts", "cut_replies")  # local prompts cut to the context; server replies cut to max_tokens
+    cut_before = {(k, c): getattr(g, c, 0) for k, g in backends.items() for c in counters}
 
     failed: dict[str, dict] = {}  # suite -> the samples whose generations failed, with why
 
     def write_results(complete: bool) -> None:
-        results = {"suites": summaries, "config": dataclasses.asdict(cfg), "settings": cfg.output_settings(),
+        results = {"suites": summaries, "config": public_specs(dataclasses.asdict(cfg)), "settings": cfg.output_settings(),
                    "inputs": inputs, "run_dir": str(run), "complete": complete}
         if failed:
             results["failed"] = failed
-        if cut := sum(getattr(g, "truncated_prompts", 0) - cut_before[k] for k, g in backends.items()):
-            results["truncated_prompts"] = cut  # the length guard: prompts cut to fit a local model's context
+        for c in counters:
+            if cut := sum(getattr(g, c, 0) - cut_before[k, c] for k, g in backends.items()):
+                results[c] = cut
         if fell_back := {g.name: e.compile_fallback for g in backends.values()
                          if (e := getattr(g, "engine", None)) is not None and e.compile_fallback}:
             results["compile_fallback"] = fell_back  # local models whose compiled decoding failed: decoded eagerly

@@ -57,10 +57,14 @@ from raftune.files import (
     stable_hash,
 )
 from raftune.generation import (
+    DEFAULT_API_KEY_ENV,
     GenerationFailed,
     Generator,
     SamplingParams,
+    is_remote_spec,
     open_generator,
+    public_specs,
+    server_api_key,
 )
 from raftune.judging import judge_errors, mean_score, score_with_judges
 from raftune.models import context_length
@@ -125,9 +129,11 @@ class RefineConfig:
     dtype: Dtype = None
     concurrency: Positive = 8
     timeout_s: PositiveFloat = 120.0
-    api_key_env: str = "RAFTUNE_API_KEY"
+    api_key_env: str = DEFAULT_API_KEY_ENV
 
     def __post_init__(self):
+        if any(map(is_remote_spec, (self.model, self.fusion_model or self.model, *self.judges))):
+            server_api_key(self.api_key_env)  # a named key that is not set fails now, not at the first request
         checks = [  # across settings; each setting's own type and range are checked by the annotations
             (self.shard[0] < self.shard[1], f"shard must be I/N with 0 <= I < N, got {self.shard[0]}/{self.shard[1]}"),
         ]
@@ -148,7 +154,7 @@ class RefineConfig:
                 del d[k]
         else:
             del d["mode"]  # raft runs keep the folder names they had before modes existed
-        return d
+        return public_specs(d)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -390,7 +396,7 @@ def refine(cfg: RefineConfig, progress: bool = True) -> Path:
     # shards of one run share the folder (each holds the lock of its own log), so no folder lock
     outputs.claim(run, "refine", key, other_key="refuse")
     targets = train[: cfg.limit] if cfg.limit else train
-    atomic_write_json(run / "config.json", {**dataclasses.asdict(cfg), "resolved": cfg.output_settings(),
+    atomic_write_json(run / "config.json", {**public_specs(dataclasses.asdict(cfg)), "resolved": cfg.output_settings(),
                                             "data_report": dataclasses.asdict(report)})
     atomic_write_json(run / "targets.json", [ex.key for ex in targets])
     if not (run / "heldout.jsonl").exists():
@@ -442,6 +448,10 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
         sem_filter = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device))
     templates = load_templates(cfg.templates)
     budget, count = input_budget(cfg, original)
+    backends = list({id(g): g for g in [original, fusion, *judges] if g is not None}.values())
+
+    def cut_replies() -> int:  # server replies cut to max_tokens so far (remote.py), each backend once
+        return sum(getattr(g, "cut_replies", 0) for g in backends)
 
     columns = [TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -450,7 +460,7 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
         task = bar.add_task("refine", total=n_total, completed=n_total - len(todo), rate="")
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
-            t0 = time.perf_counter()
+            t0, cut_before = time.perf_counter(), cut_replies()
             sizes = [count(ex.question) + count(ex.answer) for _, ex in batch]
             long = [too_long_record(i, ex, n, budget) for (i, ex), n in zip(batch, sizes) if n > budget]
             for r in long:
@@ -469,7 +479,7 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
             append_jsonl(run / "metrics.jsonl", [{
                 "time": time.time(), "shard": list(cfg.shard), "batch": len(batch), "seconds": round(dt, 3),
                 "samples_per_min": round(len(batch) / dt * 60, 2), "accepted": sum(r["accepted"] for r in records),
-                "failed": len(batch_failed),
+                "failed": len(batch_failed), "cut_replies": cut_replies() - cut_before,
             }])
             bar.update(task, advance=len(batch), rate=f"{rate:.1f}/min")
     return failed
@@ -522,6 +532,8 @@ def merge(run: str | Path) -> dict:
     atomic_write_jsonl(run / "provenance.jsonl", records)
     summary = summarize(records)
     summary["duplicate_records_ignored"] = duplicates
+    # the batches' counts (metrics.jsonl, every shard's): a reply of a server that went far beyond max_tokens
+    summary["cut_replies"] = sum(m.get("cut_replies", 0) for m in read_jsonl_log(run / "metrics.jsonl", repair=False))
     summary["run_dir"] = str(run)
     cfg = json.loads((run / "config.json").read_text())
     summary["mode"] = cfg.get("mode", "raft")  # run folders from before modes are raft runs

@@ -31,6 +31,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" or "length"; "error" when a remote call failed after its retries
     error: str | None = None
+    cut: bool = False  # a server's reply far beyond max_new_tokens, cut to what the limit allows (remote.py)
 
 
 class GenerationFailed(RuntimeError):
