@@ -65,13 +65,15 @@ def test_a_second_writer_is_refused_at_once(tmp_path):
 def test_model_fingerprint_follows_content_not_path(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
+    from safetensors.torch import save_file
+
     (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"a" * 100)
+    save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
     first = outputs.model_fingerprint(str(folder))
     assert outputs.model_fingerprint(str(folder)) == first
     outputs.write_manifest(folder, "fapm", "k")  # who wrote it is not what it holds
     assert outputs.model_fingerprint(str(folder)) == first
-    (folder / "model.safetensors").write_bytes(b"b" * 100)  # same size, same name, other weights
+    save_file({"w": torch.ones(4)}, str(folder / "model.safetensors"))  # same size, same name, other weights
     assert outputs.model_fingerprint(str(folder)) != first
     assert outputs.model_fingerprint("http://h:1/v1#m") == "server:http://h:1/v1#m"
 

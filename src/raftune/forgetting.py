@@ -162,7 +162,8 @@ def drift(base_model, tuned_model, tok, prompts: list[str], answers: list[str], 
                 sl = slice(c, c + chunk)
                 z_b = head_b(h_b[:, sl])  # (B, c, V)
                 z_t = head_t(h_t[:, sl]).to(dev_b)  # (B, c, V)
-                kl_BT[:, sl] = losses.full_kl(z_t, z_b, mask[:, sl], temperature=1.0, direction="forward").double()
+                # a KL is >= 0; fp32 rounding leaves about -1e-6 where the two models barely differ
+                kl_BT[:, sl] = losses.full_kl(z_t, z_b, mask[:, sl], temperature=1.0, direction="forward").double().clamp_min(0)
                 nll_t_BT[:, sl] = losses.token_ce(z_t, labels[:, sl], mask[:, sl]).double()
                 nll_b_BT[:, sl] = losses.token_ce(z_b, labels[:, sl], mask[:, sl]).double()
             n_B = mask.sum(1)
