@@ -111,6 +111,8 @@ def open_generator(
     key = (spec, model_fingerprint(spec), batch_size, device, dtype, api_key_env, concurrency, timeout_s, max_retries, compile)
     if key in _OPEN:
         return _OPEN[key]
+    for stale in [k for k in _OPEN if k[0] == spec and k[1] != key[1]]:  # the old content's weights: freed
+        del _OPEN[stale]
     if is_remote_spec(spec):
         from raftune.generation.remote import (
             OpenAIChatGenerator,  # httpx only where a server is used
