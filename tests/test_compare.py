@@ -284,6 +284,7 @@ def test_an_unreadable_training_log_costs_its_curves_not_the_table(tmp_path, cap
 @pytest.mark.parametrize("content, fragment", [
     ("{not json", "invalid JSON at line 1, column 2"),
     (with_suites(domain={"d_acc": "high"}), 'suites.domain.d_acc: expected a number, got "high"'),
+    (with_suites(domain={"d_acc": float("nan")}), "suites.domain.d_acc: expected a rate in [0, 1], got NaN"),
     (json.dumps([GOOD]), "expected a JSON object"),
     (None, "eval-sft: no results.json in this folder"),
 ])
@@ -517,3 +518,30 @@ def test_a_table_built_from_nan_values_holds_none():
     t = build_table({"base": results(0.1, 0.4, 0.25, 6.0), "sft": results(float("nan"), 0.3, float("inf"), 5.0)})
     assert t["rows"]["sft"]["D-Acc"] is None and t["rows"]["sft"]["MMLU"] is None
     _strict(json.dumps(t))
+
+
+def test_evaluations_by_raftune_eval_on_other_data_are_told_apart(tiny_model_dir, tmp_path):
+    """compare reads what raftune eval writes: three real evaluations of the tiny model, the third on an
+    IFEval file with one prompt changed; the first two are comparable, the third is not."""
+    from raftune.evaluate import EvalConfig, evaluate
+
+    def prompts(path, last):
+        path.write_text("".join(json.dumps({"key": i, "prompt": p, "instruction_id_list": ["punctuation:no_comma"],
+                                            "kwargs": [{}]}) + "\n"
+                                for i, p in enumerate(["Name a colour.", "Name a fruit.", last])))
+        return path
+
+    same, other = prompts(tmp_path / "a.jsonl", "Name a tree."), prompts(tmp_path / "b.jsonl", "Name a river.")
+    tiny = str(tiny_model_dir)
+    folders = [evaluate(EvalConfig(model=tiny, base_model=tiny, judges=(tiny,), encoder=tiny, suites=("ifeval",),
+                                   ifeval_data=str(data), out_dir=str(tmp_path / "runs"), name=name, max_new_tokens=4,
+                                   device="cpu"), progress=False)
+               for name, data in [("base", same), ("sft", same), ("raft", other)]]
+    out = compare(folders, None, tmp_path / "cmp")
+    assert out["comparability"]["sft"]["base"]["ifeval"] == {"comparable": True, "why": []}
+    verdict = out["comparability"]["sft"]["raft"]["ifeval"]
+    assert verdict["comparable"] is False and verdict["why"][0].startswith("ifeval_data differs (content file:")
+    assert "(n/c vs SFT)" in out["markdown"].split("| raft |")[1].splitlines()[0]
+    assert "(n/c" not in out["markdown"].split("| base |")[1].splitlines()[0]
+    assert out["comparability"]["base"]["raft"]["ifeval"]["comparable"] is False  # no retention vs base either
+    assert out["comparability"]["base"]["sft"]["ifeval"]["comparable"] is True
