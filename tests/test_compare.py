@@ -366,11 +366,12 @@ def test_a_value_no_evaluation_can_produce_is_refused(tmp_path, suites, fragment
 
 
 def test_values_at_the_edges_of_their_ranges_are_tabled(tmp_path):
-    edges = {"domain": {"d_acc": 1.0, "rouge_l": 0.0, "cosine": -1.0, "n": 0}, "general": {"mean_score": 10},
+    edges = {"domain": {"d_acc": 1.0, "rouge_l": 0.0, "cosine": 1.0000001, "n": 0}, "general": {"mean_score": 10},
              "mmlu": {"accuracy": 0, "per_subject": {"anatomy": {"accuracy": 0.0, "n": 3}}},
              "drift": {"kl_base_to_tuned": 0.0, "tuned_perplexity": 1.0}, "weights": {"mean": 0.0}}
     out = compare([write(tmp_path, "raft", edges)], None, tmp_path / "cmp")
     assert out["rows"]["raft"]["D-Acc"] == 1.0 and out["rows"]["raft"]["General"] == 10
+    assert out["rows"]["raft"]["cosine"] == 1.0000001  # fp32 rounding of two equal embeddings, not an impossible value
 
 
 # --- comparability: deltas only between runs that scored the same samples the same way -------------------------

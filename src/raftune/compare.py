@@ -97,7 +97,7 @@ COUNTS = {  # summary keys that count something: integers >= 0
     "drift": ("n_tokens",),
     "weights": ("n_tensors",),
 }
-_SLACK = 1e-9  # float sums: a mean cosine of 1.0000000000000002 is still a cosine
+_SLACK = 1e-5  # fp32 rounding: the cosine of two equal embeddings can be 1.0000001, still a cosine
 
 
 class CompareError(ValueError):
