@@ -71,6 +71,7 @@ from raftune.generation import (
     server_api_key,
 )
 from raftune.judging import judge_errors, score_with_judges
+from raftune.sequences import special_token_hits, warn_special_text
 from raftune.settings import CommaList, Device, Dtype, NonNegative, Positive, PositiveFloat, settings
 from raftune.templates import EVAL_TEMPLATES, load_templates
 
@@ -506,6 +507,21 @@ def eval_weights(model: Generator, base: Generator, run: Path) -> tuple[dict, li
     return {**result, "plot": str(png)}, rows
 
 
+# the data fields of each suite's rows (not the model's answers)
+_DATA_FIELDS = {"domain": ("question", "reference"), "ifeval": ("prompt",), "mmlu": ("question", "choices"),
+                "general": ("prompt",), "drift": ("prompt",)}
+
+
+def _special_text_rows(suite: str, rows: list[dict], model: Generator) -> int:
+    """The suite's rows whose data held special-token strings (tokenized as text, or sent to a server as text)."""
+    fields = _DATA_FIELDS.get(suite, ())
+    texts = [[t for f in fields for t in (r[f] if isinstance(r[f], list) else [r[f]])] for r in rows]
+    tok = getattr(model, "tokenizer", None)  # None: a server's model, whose tokenizer is not known here
+    n = special_token_hits(tok, texts) if fields else 0
+    warn_special_text(log, f"eval {suite}", n, len(rows), server=tok is None)
+    return n
+
+
 # --- the run ---------------------------------------------------------------------------------------------
 
 def check_suite_data(cfg: EvalConfig) -> None:
@@ -635,7 +651,7 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
             write_results(complete=False)
             continue
         atomic_write_jsonl(run / f"{suite}.jsonl", rows)
-        summaries[suite] = summary
+        summaries[suite] = {**summary, "rows_with_special_token_text": _special_text_rows(suite, rows, model)}
         write_results(complete=False)
     if failed:
         n = sum(f["n_failed"] for f in failed.values())

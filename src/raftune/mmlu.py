@@ -47,7 +47,7 @@ import torch
 
 from raftune.data import DataError
 from raftune.models import context_length, eval_mode
-from raftune.sequences import chat_prompt_ids, pad_right
+from raftune.sequences import chat_prompt_ids, pad_right, text_ids
 
 SPLITS = ("dev", "val", "test")
 FORMS = ("letter", "cloze")
@@ -268,11 +268,11 @@ def next_token_logprobs(model, prompts: Sequence[list[int]], token_ids: Sequence
 
 
 def _plain_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text_ids(tokenizer, text)
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    return chat_prompt_ids(tokenizer, prompt) if chat else tokenizer(prompt)["input_ids"]
+    return chat_prompt_ids(tokenizer, prompt) if chat else text_ids(tokenizer, prompt, add_special_tokens=True)
 
 
 def score_mmlu(model, tokenizer, questions: Sequence[MMLUQuestion], *, shots: int = 0, form: str = "letter",

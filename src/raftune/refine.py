@@ -68,6 +68,7 @@ from raftune.generation import (
 )
 from raftune.judging import judge_errors, mean_score, score_with_judges
 from raftune.models import context_length
+from raftune.sequences import special_token_hits, text_ids, warn_special_text
 from raftune.settings import (
     CommaList,
     Device,
@@ -329,7 +330,7 @@ def input_budget(cfg: RefineConfig, original: Generator):
         context = context_length(model) or SERVER_CONTEXT
 
         def count(text: str) -> int:
-            return len(tok(text, add_special_tokens=False)["input_ids"])
+            return len(text_ids(tok, text))
     else:
         context = SERVER_CONTEXT
 
@@ -448,6 +449,9 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
         sem_filter = SemanticFilter(load_encoder(cfg.encoder, device=cfg.device))
     templates = load_templates(cfg.templates)
     budget, count = input_budget(cfg, original)
+    tok = getattr(original, "tokenizer", None)  # None: a server's model, whose tokenizer is not known here
+    special = {ex.key for _, ex in todo if special_token_hits(tok, [(ex.question, ex.answer, ex.system)])}
+    warn_special_text(log, "refine", len(special), len(todo), server=tok is None)
     backends = list({id(g): g for g in [original, fusion, *judges] if g is not None}.values())
 
     def cut_replies() -> int:  # server replies cut to max_tokens so far (remote.py), each backend once
@@ -469,7 +473,8 @@ def _refine_loop(cfg: RefineConfig, todo, n_total: int, records_path: Path, run:
             fit = [b for b, n in zip(batch, sizes) if n <= budget]
             records, batch_failed = refine_batch(fit, cfg, original, fusion, judges, sem_filter, templates) if fit else ([], [])
             records = long + records
-            append_jsonl(records_path, [{**r, "run": key} for r in records])  # durable before it counts as done
+            append_jsonl(records_path, [{**r, "run": key, "special_token_text": r["key"] in special}
+                                        for r in records])  # durable before it counts as done
             failed += batch_failed  # not in the log: the next run with the same settings retries them
             for f in batch_failed:
                 log.warning("sample %s failed, not recorded: %s", f["key"], "; ".join(f["errors"]))
@@ -532,6 +537,7 @@ def merge(run: str | Path) -> dict:
     atomic_write_jsonl(run / "provenance.jsonl", records)
     summary = summarize(records)
     summary["duplicate_records_ignored"] = duplicates
+    summary["rows_with_special_token_text"] = sum(bool(r.get("special_token_text")) for r in records)
     # the batches' counts (metrics.jsonl, every shard's): a reply of a server that went far beyond max_tokens
     summary["cut_replies"] = sum(m.get("cut_replies", 0) for m in read_jsonl_log(run / "metrics.jsonl", repair=False))
     summary["run_dir"] = str(run)

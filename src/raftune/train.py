@@ -65,8 +65,10 @@ from raftune.sequences import (
     answer_batch,
     chat_prompt_ids,
     end_of_turn_id,
+    special_token_hits,
     teacher_context_ids,
     trajectory_batch,
+    warn_special_text,
 )
 from raftune.settings import (
     Device,
@@ -389,8 +391,14 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
                     "%s", too_long, eval_too_long, cfg.max_len, " or the model's context" if spec.kl else "")
     if not train_set:
         raise ValueError(f"{cfg.data}: every sample's prompt is longer than max_len={cfg.max_len} tokens")
+    # the data's special-token strings are tokenized as text (sequences.py); the rows holding them are counted
+    special = {name: special_token_hits(tok, [(ex.question, ex.system, ex.answer, refs.get(ex.source) if refs else None)
+                                              for ex in exs])
+               for name, exs in (("train", train_set), ("eval", eval_set), ("replay", replay_set))}
+    warn_special_text(log, "train", sum(special.values()), len(train_set) + len(eval_set) + len(replay_set))
     atomic_write_json(run / "config.json", {**json.loads((run / "config.json").read_text()), "resolved": dataclasses.asdict(spec),
-                                            "skipped_too_long": {"train": too_long, "eval": eval_too_long}})
+                                            "skipped_too_long": {"train": too_long, "eval": eval_too_long},
+                                            "rows_with_special_token_text": special})
     if fsdp:
         shard(model, acc.device.type, mixed_precision=bf16)
         if teacher is not None:

@@ -9,6 +9,7 @@ import torch
 from raftune.generation.base import Completion, Messages, SamplingParams
 from raftune.generation.engine import engine_for
 from raftune.models import context_length
+from raftune.sequences import chat_ids
 
 log = logging.getLogger("raftune.generation.local")
 
@@ -59,8 +60,7 @@ class LocalGenerator:
         cont = prefixes[0] is not None  # a reply prefix: continue the assistant turn instead of opening one
         if any((p is not None) != cont for p in prefixes):
             raise ValueError("either every conversation of a call ends with an assistant reply prefix or none does")
-        prompts = tok.apply_chat_template(list(conversations), add_generation_prompt=not cont, continue_final_message=cont,
-                                          tokenize=True, return_dict=True)["input_ids"]
+        prompts = [chat_ids(tok, list(c), continue_final_message=cont) for c in conversations]
         prompts = self._fit(prompts, params.max_new_tokens)
         if params.seed is not None:
             torch.manual_seed(params.seed + offset)  # each batch of a call draws its own, reproducible stream
