@@ -74,14 +74,38 @@ def _contents(folder: Path, n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    if isinstance(value, str) and value.startswith(("folder:", "file:")):
+        text = value.split(":")[0] + " content " + value.split(":")[1][:8]
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def differences(old: dict | None, new: dict | None, n: int = 6) -> str:
+    """What differs between two ``made_of`` records, for a message: 'max_steps 2 -> 3, models [...] -> [...]'."""
+    if not old or not new:
+        return ""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    shown = [f"{k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in keys[:n]]
+    return ", ".join(shown) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def claim(folder: str | Path, kind: str, key: str, *, other_key: Literal["refuse", "redo"], what: str = "",
-          hint: str = "", create: bool = True) -> Claim:
+          hint: str = "", create: bool = True, made_of: dict | None = None) -> Claim:
     """Take ``folder`` for an output of ``kind`` made from ``key`` (see the module docstring).
 
     ``other_key``: what a folder holding this kind of output with another key gets: ``refuse`` raises
     ``OutputError``; ``redo`` claims it anew (the caller makes its output again). ``what`` describes the
-    key's inputs for the messages ("method sft, lr 2e-4"); ``hint`` is added to a refusal. ``create=False``
-    only checks: for an output written whole under another name and renamed into place (a model folder)."""
+    key's inputs for the messages ("method sft, lr 2e-4"); ``made_of`` (what the key hashes, kept in the
+    manifest) lets a refusal say what differs; ``hint`` is added to a refusal. ``create=False`` only
+    checks: for an output written whole under another name and renamed into place (a model folder)."""
     folder = Path(folder)
     hint = f"; {hint}" if hint else ""
     if folder.exists() and not folder.is_dir():
@@ -99,16 +123,16 @@ def claim(folder: str | Path, kind: str, key: str, *, other_key: Literal["refuse
         else:
             previous = manifest["key"]
             if previous != key and other_key == "refuse":
-                made = f" ({manifest['what']})" if manifest.get("what") else ""
-                now = f" ({what})" if what else ""
-                raise OutputError(f"{folder}: holds a {kind} output of other settings or inputs{made}, not of these{now}; "
-                                  f"it is left as it is{hint}")
+                diff = differences(manifest.get("made_of"), made_of)
+                said = f" ({diff})" if diff else f" ({manifest['what']})" if manifest.get("what") else ""
+                raise OutputError(f"{folder}: holds a {kind} output of other settings or inputs{said}; it is left as it "
+                                  f"is{hint}")
             if previous == key:
                 return Claim(folder, kind, key, previous, bool(manifest.get("complete")))
     if not create:
         return Claim(folder, kind, key, previous, False)
     folder.mkdir(parents=True, exist_ok=True)
-    write_manifest(folder, kind, key, what, complete=False)
+    write_manifest(folder, kind, key, what, complete=False, **({"made_of": made_of} if made_of is not None else {}))
     if previous is not None:
         log.warning("%s held a %s output of other settings or inputs; it is made again%s", folder, kind,
                     f" ({what})" if what else "")
@@ -203,7 +227,7 @@ def model_fingerprint(spec: str | None) -> str | None:
     (nothing local to hash); None for None."""
     if spec is None:
         return None
-    from raftune.generation import is_remote_spec
+    from raftune.generation import is_remote_spec, public_spec
     from raftune.models import DEFAULT_MODEL, embedded_gguf
 
     if is_remote_spec(spec):
@@ -249,16 +273,3 @@ def _file_fingerprint(path: Path) -> str:
     with contextlib.suppress(OSError):
         atomic_write_json(memo_file, memo)
     return digest[:32]
-
-
-def public_spec(spec: str) -> str:
-    """A server spec without the password of its URL (``http://user:***@host/v1#m``); others unchanged."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if not spec.startswith(("http://", "https://")):
-        return spec
-    parts = urlsplit(spec)
-    if parts.password is None:
-        return spec
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

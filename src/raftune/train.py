@@ -365,14 +365,16 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
                  "gradient_checkpointing")
     # what the run computes: its settings and the content of the models and data it reads (a model
     # replaced at the same path is another run, never the resumption of this one)
-    made_of = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution},
+    # the batch counted over all processes: a run stopped under FSDP on 2 processes at batch 2 resumes on 1 at batch 4
+    made_of = {"settings": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution},
+                            "batch_size": cfg.batch_size * acc.num_processes},
                "models": [outputs.model_fingerprint(m) for m in (cfg.model, cfg.teacher_model)],
                "data": [outputs.data_fingerprint(d) for d in (cfg.data, cfg.eval_data, cfg.replay_data)]}
     ident = stable_hash(made_of, 10)
     run = Path(cfg.out_dir) / (cfg.name or f"train-{cfg.method}-{ident}")
     what = f"method {cfg.method}, lr {cfg.learning_rate:g}, model {cfg.model}, data {cfg.data}"
     if acc.is_main_process:  # one process writes the run folder, and one run at a time
-        outputs.claim(run, "train", ident, other_key="refuse", what=what,
+        outputs.claim(run, "train", ident, other_key="refuse", what=what, made_of=made_of,
                       hint="give another name (or out_dir) for a run of these settings")
         hold.enter_context(outputs.locked(run, f"training {cfg.method}"))
     acc.wait_for_everyone()
