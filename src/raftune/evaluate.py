@@ -570,13 +570,17 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
     base_results = None
     if cfg.base_results is not None:  # read first: a bad path fails before hours of generation
         try:
-            base_results = json.loads(Path(cfg.base_results).read_text(encoding="utf-8"))["suites"]
+            base_raw = json.loads(Path(cfg.base_results).read_text(encoding="utf-8"))
+            base_results = base_raw["suites"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{cfg.base_results}: not a readable eval results.json ({type(e).__name__}: {e})") from None
     check_suite_data(cfg)
     run = run_dir_for(cfg)
     inputs = eval_inputs(cfg)
     key = stable_hash({"settings": cfg.output_settings(), "inputs": inputs}, 16)
+    if base_results is not None and (base_raw.get("inputs") or {}).get("model") not in (None, inputs["base_model"]):
+        log.warning("%s was made from another model than base_model %s (their content differs): retention is "
+                    "measured against it, and its logged answers are not reused", cfg.base_results, cfg.base_model)
     summaries = _finished_suites(run, cfg, key)
     todo = [s for s in cfg.suites if s not in summaries]
     if summaries:
