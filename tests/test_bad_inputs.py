@@ -17,13 +17,34 @@ def flat(text: str) -> str:
     return " ".join(text.replace("│", " ").replace("╭", " ").replace("╰", " ").split())
 
 
-def write(tmp_path, name: str, text: str) -> str:
+def write(tmp_path, name: str, text: str | bytes) -> str:
     path = tmp_path / name
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     return str(path)
 
 
 QA = '{"question": "q1", "answer": "a1"}\n'
+# nine levels of nine aliases: 9**9 strings once expanded, a few hundred bytes written
+LAUGHS = 'data: demo\nlol: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"l{i}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+DEEP = "data: demo\n" + "".join(" " * i + f"k{i}:\n" for i in range(100)) + " " * 100 + "x: 1\n"
+CONFIG = '{"model_type": "llama", "vocab_size": 8, "hidden_size": 4}'
+
+
+def _safetensors(cut: int = 0) -> bytes:
+    """One 4-float tensor in the safetensors layout, ``cut`` bytes short of it (a copy that stopped)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    whole = len(header).to_bytes(8, "little") + header + bytes(16)
+    return whole[: len(whole) - cut]
+
+
+NO_WEIGHTS = {"m/config.json": CONFIG}
+CUT_WEIGHTS = {"m/config.json": CONFIG, "m/model.safetensors": _safetensors(cut=8)}
+BAD_CONFIG = {"m/config.json": '{"model_type": "llama",', "m/model.safetensors": _safetensors()}
+TEMPLATES_CONVERSION = {"t.yaml": "domain_judge:\n  user: '{question!r} {answer} {candidate}'\n"}
 
 # (id, files to write {name: text}, argv with {tmp} for the folder, message fragment)
 CASES = [
@@ -80,6 +101,65 @@ CASES = [
     ("compare-invalid-json", {"e/results.json": "{oops"}, ["compare", "{tmp}/e"], "e/results.json: invalid JSON at line 1"),
     ("compare-not-a-result", {"e/results.json": json.dumps([1, 2])}, ["compare", "{tmp}/e"], "e/results.json"),
     ("compare-missing", {}, ["compare", "{tmp}/nowhere"], "nowhere: not found"),
+    # --- YAML files and values: read within bounds (1 MiB, 32 levels, 20,000 values with aliases expanded)
+    ("yaml-billion-laughs", {"t.yaml": LAUGHS}, ["train", "--config", "{tmp}/t.yaml"],
+     "t.yaml: line 6: over 20000 values (aliases expanded)"),
+    ("run-yaml-billion-laughs", {"run.yaml": LAUGHS.replace("data: demo", "refine: {data: demo}")},
+     ["run", "--config", "{tmp}/run.yaml"], "run.yaml: line 6: over 20000 values"),
+    ("yaml-deep-nesting", {"r.yaml": DEEP}, ["refine", "--config", "{tmp}/r.yaml"], "r.yaml: line 34: nested over 32 levels deep"),
+    ("yaml-huge", {"e.yaml": "model: default\n# " + "x" * (1 << 20) + "\n"}, ["eval", "--config", "{tmp}/e.yaml"],
+     "e.yaml: over 1 MiB, too big for a config file"),
+    ("yaml-not-utf8", {"t.yaml": "data: demo\nname: caf\xe9\n".encode("latin-1")}, ["train", "--config", "{tmp}/t.yaml"],
+     "t.yaml: not UTF-8 text (line 2: byte 0xe9 at offset 20)"),
+    ("config-is-a-folder", {"cfg/x": ""}, ["train", "--config", "{tmp}/cfg"], "cfg: is a folder, not a config file"),
+    ("eval-config-is-a-folder", {"cfg/x": ""}, ["eval", "--model", "default", "--config", "{tmp}/cfg"],
+     "cfg: is a folder, not a config file"),
+    ("run-config-is-a-folder", {"cfg/x": ""}, ["run", "--config", "{tmp}/cfg"], "cfg: is a folder, not a config file"),
+    ("set-not-yaml", {}, ["train", "--data", "demo", "--set", "lr=["], "--set lr=[: not valid YAML"),
+    ("run-set-not-yaml", {}, ["run", "--data", "demo", "--set", "train.lr=["], "--set train.lr=[: not valid YAML"),
+    ("yaml-python-tag", {"t.yaml": "data: !!python/object/apply:os.system ['touch pwned']\n"},
+     ["train", "--config", "{tmp}/t.yaml"], "t.yaml: not valid YAML: line 1, column 7: could not determine a constructor"),
+    # --- templates: a folder, too big, placeholders other than plain {name}
+    ("templates-is-a-folder", {"tdir/x": ""}, ["refine", "--data", "demo", "--templates", "{tmp}/tdir"],
+     "tdir: is a folder, not a template file"),
+    ("eval-templates-is-a-folder", {"tdir/x": ""}, ["eval", "--model", "default", "--suite", "domain", "--domain-data",
+                                                     "demo", "--templates", "{tmp}/tdir"], "tdir: is a folder, not a template file"),
+    ("templates-billion-laughs", {"t.yaml": LAUGHS.replace("data: demo", "rewrite: {user: '{question} {answer}'}")},
+     ["refine", "--data", "demo", "--templates", "{tmp}/t.yaml"], "t.yaml: line 6: over 20000 values"),
+    ("templates-format-spec", {"t.yaml": "rewrite:\n  user: '{question} {answer:>999999999}'\n"},
+     ["refine", "--data", "demo", "--templates", "{tmp}/t.yaml"],
+     "t.yaml: template 'rewrite': placeholder {answer:>999999999} has a format spec :>999999999"),
+    ("eval-templates-conversion", TEMPLATES_CONVERSION, ["eval", "--model", "default", "--domain-data", "demo",
+                                                         "--templates", "{tmp}/t.yaml"],
+     "t.yaml: template 'domain_judge': placeholder {question!r} has a conversion !r"),
+    # --- damaged models: checked before any folder is made or any weight read
+    ("train-model-no-weights", NO_WEIGHTS, ["train", "--data", "demo", "--model", "{tmp}/m"],
+     "m: config.json but no weights (none of model.safetensors"),
+    ("refine-model-no-weights", NO_WEIGHTS, ["refine", "--data", "demo", "--model", "{tmp}/m"], "m: config.json but no weights"),
+    ("eval-model-no-weights", NO_WEIGHTS, ["eval", "--model", "{tmp}/m", "--domain-data", "demo"], "m: config.json but no weights"),
+    ("train-model-truncated", CUT_WEIGHTS, ["train", "--data", "demo", "--model", "{tmp}/m"],
+     f"m/model.safetensors: truncated or damaged: {len(_safetensors(cut=8))} bytes, its header describes "
+     f"{len(_safetensors())}"),
+    ("refine-judge-truncated", CUT_WEIGHTS, ["refine", "--data", "demo", "--judge", "{tmp}/m"],
+     "m/model.safetensors: truncated or damaged"),
+    ("eval-model-truncated", CUT_WEIGHTS, ["eval", "--model", "{tmp}/m", "--domain-data", "demo"],
+     "m/model.safetensors: truncated or damaged"),
+    ("train-model-bad-config", BAD_CONFIG, ["train", "--data", "demo", "--model", "{tmp}/m"],
+     "m/config.json: not valid JSON (line 1, column 24"),
+    ("eval-base-model-bad-config", BAD_CONFIG, ["eval", "--model", "default", "--suite", "weights", "--base-model", "{tmp}/m"],
+     "m/config.json: not valid JSON"),
+    ("train-model-a-file", {"w.bin": b"\0" * 64}, ["train", "--data", "demo", "--model", "{tmp}/w.bin"],
+     "w.bin: a file, not a model folder or a .gguf file"),
+    ("eval-model-a-file", {"w.bin": b"\0" * 64}, ["eval", "--model", "{tmp}/w.bin", "--domain-data", "demo"],
+     "w.bin: a file, not a model folder or a .gguf file"),
+    ("train-model-not-gguf", {"m.gguf": "hello"}, ["train", "--data", "demo", "--model", "{tmp}/m.gguf"],
+     "m.gguf: not a GGUF file"),
+    ("fapm-tuned-truncated", CUT_WEIGHTS, ["fapm", "--tuned", "{tmp}/m", "--out", "{tmp}/runs/fapm"],
+     "m/model.safetensors: truncated or damaged"),
+    ("wise-tuned-no-weights", NO_WEIGHTS, ["wise", "--tuned", "{tmp}/m", "--out", "{tmp}/runs/wise"],
+     "m: config.json but no weights"),
+    ("fapm-tuned-bad-config", BAD_CONFIG, ["fapm", "--tuned", "{tmp}/m", "--out", "{tmp}/runs/fapm"],
+     "m/config.json: not valid JSON"),
 ]
 
 
@@ -99,4 +179,5 @@ def test_bad_input_is_refused_up_front(tmp_path, monkeypatch, name, files, argv,
     assert result.exit_code == 2, out
     assert flat(fragment) in out, out
     assert "Traceback" not in out
+    assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "runs").exists()  # nothing was started: no empty run folder left behind

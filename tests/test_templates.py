@@ -39,6 +39,18 @@ def test_override_one_template(tmp_path):
     ("judge: just text\n", "field 'user' must be a string"),
     ("- a\n- b\n", "expected a mapping"),
     ("rewrite: [unclosed\n", "not valid YAML"),
+    # str.format would convert, pad, read attributes, index or take positions: plain {name} only
+    ("rewrite:\n  user: '{question!r} {answer}'\n", "template 'rewrite': placeholder {question!r} has a conversion !r"),
+    ("rewrite:\n  user: '{question} {answer:>999999999}'\n", "placeholder {answer:>999999999} has a format spec :>999999999"),
+    ("judge:\n  system: '{question:{answer}}'\n  user: '{question}{answer}{candidate}'\n",
+     "template 'judge': placeholder {question:{answer}} has a format spec"),
+    ("rewrite:\n  user: '{question.__class__} {answer}'\n", "placeholder {question.__class__} is not a plain name"),
+    ("rewrite:\n  user: '{question[0]} {answer}'\n", "placeholder {question[0]} is not a plain name"),
+    ("rewrite:\n  user: '{0} {question} {answer}'\n", "placeholder {0} is a position, not a name"),
+    ("rewrite:\n  user: '{} {question} {answer}'\n", "placeholder {} is a position, not a name"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n"
+                                                       for p, c in zip("abcdefgh", "bcdefghi")),
+     "over 20000 values (aliases expanded)"),
 ])
 def test_bad_template_files_name_the_file_and_problem(tmp_path, body, message):
     path = tmp_path / "bad.yaml"
@@ -46,6 +58,17 @@ def test_bad_template_files_name_the_file_and_problem(tmp_path, body, message):
     with pytest.raises(TemplateError) as e:
         load_templates(path)
     assert message in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def test_literal_braces_stay_literal(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("rewrite:\n  user: '{{json}}: {question} / {answer}'\n")
+    assert load_templates(path)["rewrite"].render(question="q", answer="a")[-1]["content"] == "{json}: q / a"
+
+
+def test_a_folder_is_not_a_template_file(tmp_path):
+    with pytest.raises(TemplateError, match=r"is a folder, not a template file"):
+        load_templates(tmp_path)
 
 
 def test_missing_template_file():

@@ -58,14 +58,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load_yaml(path: Optional[Path]) -> dict:
+    from raftune.settings import YamlError, read_yaml
+
     if path is None:
         return {}
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise typer.BadParameter(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise typer.BadParameter(f"{path}: not valid YAML: {e}") from None
+        raw = read_yaml(path, "config file")[0] or {}
+    except YamlError as e:
+        raise typer.BadParameter(str(e)) from None
     if not isinstance(raw, dict):
         raise typer.BadParameter(f"{path}: expected a mapping of settings")
     return raw
@@ -101,7 +101,9 @@ def _key_lines(path: Path) -> dict[str, int]:
                 lines[f"{prefix}{i}"] = v.start_mark.line + 1
                 walk(v, f"{prefix}{i}.")
 
-    walk(yaml.compose(path.read_text(encoding="utf-8")), "")
+    from raftune.settings import read_yaml
+
+    walk(read_yaml(path, "config file")[1], "")
     return lines
 
 
@@ -256,6 +258,8 @@ def merge(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="a refine 
 
 def _overrides(items: Optional[list[str]]) -> dict:
     """--set key=value (value parsed as YAML: 1e-4, true, null, [a, b]); dotted keys nest."""
+    from raftune.settings import parse_yaml
+
     out: dict = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -265,7 +269,7 @@ def _overrides(items: Optional[list[str]]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_yaml(value, f"--set {item}", located=False)[0]
     return out
 
 

@@ -7,6 +7,10 @@ later loads take well under a second. The same applies to any ``.gguf`` path.
 
 Nothing is fetched at run time when the network is closed: a hub id that is neither cached nor
 reachable fails with a message that says what to pass instead.
+
+A local model is checked whole before any stage makes a folder for it (``check_model``: its config,
+its weight files, their safetensors lengths), and whatever a loader raises on it becomes a
+``ModelLoadError`` naming the file and the cause.
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ DEFAULT_ENCODER = "default"
 _SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
-    pass
+class ModelLoadError(ValueError):
+    """A model that cannot be opened (bad input, like a DataError): the message names it and the cause."""
 
 
 def cache_dir() -> Path:
@@ -62,18 +66,101 @@ def resolve_model_path(spec: str) -> str:
     """A path or hub id that ``from_pretrained`` can open without a GGUF step."""
     if spec == DEFAULT_MODEL:
         return str(_dequantized_folder(embedded_gguf()))
+    path = check_model(spec)
+    if path is None:
+        return spec  # a hub id
+    return str(_dequantized_folder(path) if path.suffix == ".gguf" else path)
+
+
+# --- a local model, checked whole before anything reads it
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_model(spec: str) -> Path | None:
+    """The local path of the model ``spec`` names, checked without loading it: a .gguf file that is
+    GGUF, or a folder (a model, or a LoRA adapter) whose config is valid JSON and whose weights are all
+    there and whole; None for a hub id. Cheap (it reads headers, not weights), so every stage checks its
+    models before it makes a folder; a damaged one is a ``ModelLoadError`` naming the file and what is wrong."""
+    if spec == DEFAULT_MODEL:
+        return embedded_gguf()
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such GGUF file")
-        return str(_dequantized_folder(path))
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+        return path
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path}: not a model folder (no config.json)")
-        return str(path)
+        return check_model_folder(path)
+    if path.exists():
+        raise ModelLoadError(f"{path}: a file, not a model folder or a .gguf file")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelLoadError(f"{spec}: no such model folder")
-    return spec  # a hub id
+        raise ModelLoadError(f"{spec}: no such folder (a model is a folder, a .gguf file, a hub id or 'default')")
+    return None
+
+
+def check_model_folder(folder: Path) -> Path:
+    """``folder`` if it is a model (config.json) or a LoRA adapter (adapter_config.json) whose config
+    reads and whose weight files are all there and as long as their headers say; else a ModelLoadError."""
+    adapter = (folder / "adapter_config.json").is_file()
+    config = folder / ("adapter_config.json" if adapter else "config.json")
+    if not config.is_file():
+        raise ModelLoadError(f"{folder}: not a model folder (no config.json)")
+    _read_json(config)
+    names = ADAPTER_WEIGHT_FILES if adapter else WEIGHT_FILES
+    weights = next((folder / n for n in names if (folder / n).is_file()), None)
+    if weights is None:
+        raise ModelLoadError(f"{folder}: {config.name} but no weights (none of {', '.join(names)})")
+    files = [weights]
+    if weights.name.endswith(".index.json"):  # sharded: every shard its index names
+        weight_map = _read_json(weights).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{weights}: no weight_map of tensor names to shard files")
+        files = [folder / str(n) for n in dict.fromkeys(weight_map.values())]
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise ModelLoadError(f"{weights}: names shard file(s) that are missing: {', '.join(missing[:5])}")
+    for f in files:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: not UTF-8 text (byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file is 8 bytes of header length, a JSON header giving each tensor's byte range,
+    then the data: a file cut short (a copy or a download that stopped) is shorter than its header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(_SAFETENSORS_MAX_HEADER, size - 8):
+            raise ModelLoadError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelLoadError(f"{path}: not a safetensors file (its header is not a table of tensors)") from None
+    if 8 + n + end != size:
+        raise ModelLoadError(f"{path}: truncated or damaged: {size} bytes, its header describes {8 + n + end}")
 
 
 def _dequantized_folder(gguf: Path) -> Path:
@@ -85,8 +172,11 @@ def _dequantized_folder(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s once into %s", gguf, out)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - a cut or foreign file fails in the GGUF reader, in any of its ways
+        raise ModelLoadError(f"{gguf}: cannot read the GGUF file: {' '.join(f'{type(e).__name__}: {e}'.split())}") from e
     model.hf_quantizer = None  # the weights are plain floats now: save them as such
     model.is_quantized = False
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,9 +246,13 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 def _from_pretrained(load, path: str, **kw):
     try:
         return load(path, **kw)
-    except OSError as e:
+    # each format's reader fails its own way (OSError, SafetensorError, JSONDecodeError, UnpicklingError...)
+    except Exception as e:  # noqa: BLE001
+        cause = " ".join(f"{type(e).__name__}: {e}".split())  # one line: some of transformers' messages span several
         if Path(path).exists():
-            raise
+            raise ModelLoadError(f"{path}: cannot load the model: {cause}") from e
+        if not isinstance(e, OSError):
+            raise ModelLoadError(f"could not load {path!r}: {cause}") from e
         raise ModelLoadError(
             f"could not load {path!r}: it is not a local folder or file, and the Hugging Face Hub "
             f"could not provide it ({type(e).__name__}). Without network access pass a local model "

@@ -228,11 +228,12 @@ def model_fingerprint(spec: str | None) -> str | None:
     if spec is None:
         return None
     from raftune.generation import is_remote_spec, public_spec
-    from raftune.models import DEFAULT_MODEL, embedded_gguf
+    from raftune.models import check_model
 
     if is_remote_spec(spec):
         return f"server:{public_spec(spec)}"
-    path = embedded_gguf() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+    # a damaged local model is refused here: every stage keys its folder by this, before it makes it
+    path = check_model(spec) or Path(spec).expanduser()
     if path.is_file():
         return f"file:{_file_fingerprint(path)}"
     if path.is_dir():

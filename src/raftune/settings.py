@@ -10,6 +10,11 @@ its dataclasses stay plain dataclasses (``dataclasses.asdict``, ``replace``, ``f
 
 ``build(cls, values, prefix)`` turns pydantic's errors into a ``SettingsError`` that names each
 setting (``train.lr: must be > 0, got -1.0``); the CLI adds the file and line where it came from.
+
+Every YAML raftune reads (stage and run configs, templates files, ``--set`` values) goes through
+``read_yaml``/``parse_yaml`` below: ``yaml.safe_load``'s constructors (no ``!!python`` tags), with the
+file's size, its nesting and its values (aliases expanded) capped, so that reading a file costs at
+most what a config costs, however the file is written.
 """
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ import dataclasses
 import difflib
 import functools
 import math
+from pathlib import Path
 from typing import Annotated, Any
 
+import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
@@ -151,3 +158,102 @@ def build(cls, values: dict, prefix: str = "", keys_of: dict[str, str] | None = 
                 key = keys_of.get(head, prefix + head) + (f".{rest}" if rest else "")
             located.append((key, message))
         raise SettingsError(located) from None
+
+
+# --- reading YAML, bounded whatever the file holds
+
+MAX_YAML_BYTES = 1 << 20  # 1 MiB; raftune's configs and templates files are a few KB
+MAX_YAML_DEPTH = 32  # a run config nests 4 deep
+# Values, an alias counting as many as the value it names: a "billion laughs" file (nine levels of ten
+# aliases) is refused at its first alias of a big value, never built nor walked
+MAX_YAML_NODES = 20_000
+
+
+class YamlError(ValueError):
+    """A YAML file or value that raftune does not read; the message names it and says why."""
+
+
+# libyaml's parser where PyYAML has it (its wheels do): 20-50 times faster than the pure-Python one
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_events(text: str, origin: str) -> None:
+    """Refuse a document over the caps from its parse events, before anything composes or builds it: the
+    composer recurses once per level, and what reads the result walks an alias once per use."""
+    depth, nodes = 0, 0
+    open_: list[tuple[str | None, int]] = []  # (anchor, values before it) of each collection being read
+    sizes: dict[str, int] = {}  # anchor -> its value's values, aliases expanded
+    for event in yaml.parse(text, Loader=_LOADER):
+        problem = None
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_.pop()
+            depth -= 1
+            if anchor:
+                sizes[anchor] = nodes - before
+        elif isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_):
+                problem = f"alias *{event.anchor} is inside the value it names"
+            nodes += sizes.get(event.anchor, 0)  # an undefined one: the composer says so
+        elif isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+            nodes += 1
+            if isinstance(event, yaml.ScalarEvent) and event.anchor:
+                sizes[event.anchor] = 1
+            elif isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                open_.append((event.anchor, nodes - 1))
+        if depth > MAX_YAML_DEPTH:
+            problem = f"nested over {MAX_YAML_DEPTH} levels deep"
+        elif nodes > MAX_YAML_NODES:
+            problem = f"over {MAX_YAML_NODES} values (aliases expanded)"
+        if problem:
+            raise YamlError(f"{origin}: line {event.start_mark.line + 1}: {problem}")
+
+
+def _yaml_problem(e: yaml.YAMLError, located: bool) -> str:
+    """One line: where and what (PyYAML's own text spans lines and repeats the name)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark and located else ""
+        context = f" ({e.context})" if e.context else ""
+        return f"{where}{e.problem}{context}"
+    return " ".join(str(e).split())
+
+
+def parse_yaml(text: str, origin: str, located: bool = True) -> tuple[Any, yaml.Node | None]:
+    """(value, node) of one YAML document, as ``yaml.safe_load`` builds it, within the caps above; the
+    node gives each key's line. A refusal is a ``YamlError`` naming ``origin`` (and the line and column
+    where ``located``: not for a one-line value, where libyaml places the end of the text on line 2)."""
+    try:
+        _check_events(text, origin)
+        loader = _LOADER(text)
+        try:
+            node = loader.get_single_node()
+            return (loader.construct_document(node) if node is not None else None), node
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise YamlError(f"{origin}: not valid YAML: {_yaml_problem(e, located)}") from None
+
+
+def read_yaml(path: str | Path, what: str = "YAML file") -> tuple[Any, yaml.Node | None]:
+    """``parse_yaml`` of the file ``path`` (``what`` names it in errors: "config file"); the file is
+    refused unread past ``MAX_YAML_BYTES``, and so is a folder or text that is not UTF-8."""
+    path = Path(path)
+    if path.is_dir():
+        raise YamlError(f"{path}: is a folder, not a {what}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)  # not stat: a pipe or a device has no size
+    except FileNotFoundError:
+        raise YamlError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise YamlError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise YamlError(f"{path}: over {MAX_YAML_BYTES >> 20} MiB, too big for a {what}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise YamlError(f"{path}: not UTF-8 text (line {line}: byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"save the {what} as UTF-8") from None
+    return parse_yaml(text, str(path))

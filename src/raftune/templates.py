@@ -20,6 +20,10 @@ import yaml
 Messages = list[dict[str, str]]
 
 
+class TemplateError(ValueError):
+    pass
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     name: str
@@ -30,7 +34,30 @@ class PromptTemplate:
     reply_prefix: str | None = None
 
     def fields(self) -> set[str]:
-        return {f for part in (self.system or "", self.user) for _, f, _, _ in string.Formatter().parse(part) if f}
+        """The placeholders of ``system`` and ``user``; a ``TemplateError`` for any that is not a plain
+        ``{name}``: ``render`` runs ``str.format``, which would otherwise read attributes
+        (``{question.__class__}``), index (``{question[0]}``), take positions (``{0}``, ``{}``), convert
+        (``{question!r}``) or pad by a size the template gives (``{answer:>999999999}``)."""
+        found = set()
+        for part in (self.system or "", self.user):
+            try:
+                parsed = list(string.Formatter().parse(part))
+            except ValueError as e:  # unbalanced braces
+                raise TemplateError(f"template '{self.name}': {e} (write literal braces as {{{{ and }}}})") from None
+            for _, field, spec, conversion in parsed:
+                if field is None:  # literal text only
+                    continue
+                shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                if not field.isidentifier():
+                    problem = "a position, not a name" if field == "" or field.isdigit() else "not a plain name"
+                    raise TemplateError(f"template '{self.name}': placeholder {shown} is {problem}; "
+                                        f"placeholders are {{name}} only (write literal braces as {{{{ and }}}})")
+                if conversion or spec:
+                    raise TemplateError(f"template '{self.name}': placeholder {shown} has a "
+                                        f"{'conversion !' + conversion if conversion else 'format spec :' + spec}; "
+                                        f"placeholders are {{name}} only (write literal braces as {{{{ and }}}})")
+                found.add(field)
+        return found
 
     def render(self, **values: str) -> Messages:
         msgs = []
@@ -168,15 +195,11 @@ def leaks_prompt(text: str) -> str | None:
     return m.group(0).lower() if m else None
 
 
-class TemplateError(ValueError):
-    pass
-
-
 def validate(tpl: PromptTemplate, origin: str = "built-in") -> PromptTemplate:
     try:
         found = tpl.fields()
-    except ValueError as e:  # unbalanced braces
-        raise TemplateError(f"{origin}: template '{tpl.name}': {e} (write literal braces as {{{{ and }}}})") from e
+    except TemplateError as e:
+        raise TemplateError(f"{origin}: {e}") from None
     need = REQUIRED_FIELDS.get(tpl.name)
     if need is None:
         raise TemplateError(f"{origin}: unknown template '{tpl.name}'; known: {', '.join(sorted(REQUIRED_FIELDS))}")
@@ -194,13 +217,13 @@ def load_templates(path: str | Path | None = None) -> dict[str, PromptTemplate]:
     templates = dict(DEFAULT_TEMPLATES)
     if path is None:
         return templates
+    from raftune.settings import YamlError, read_yaml
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TemplateError(f"{path}: no such template file") from None
-    except yaml.YAMLError as e:
-        raise TemplateError(f"{path}: not valid YAML: {e}") from e
+        raw = read_yaml(path, "template file")[0]
+    except YamlError as e:
+        raise TemplateError(str(e)) from None
     if not isinstance(raw, dict):
         raise TemplateError(f"{path}: expected a mapping of template names to {{system, user}}")
     for name, body in raw.items():
