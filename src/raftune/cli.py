@@ -562,7 +562,8 @@ _TUNED_HELP = "the model folder a `raftune train` run wrote (runs/train-<hash>/m
 @app.command()
 def fapm(
     tuned: str = typer.Option(..., help=_TUNED_HELP),
-    out: Path = typer.Option(..., help="folder for the pruned model (replaced if it exists)"),
+    out: Path = typer.Option(..., help="folder for the pruned model: new, empty, or an earlier fapm output (replaced); "
+                                       "any other folder is refused"),
     base: str = typer.Option("default", help=_BASE_HELP),
     keep: float = typer.Option(0.1, help="fraction of each parameter's change W_ft - W_0 kept, in (0, 1]"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
@@ -582,7 +583,8 @@ def fapm(
 @app.command()
 def wise(
     tuned: str = typer.Option(..., help=_TUNED_HELP),
-    out: Path = typer.Option(..., help="parent folder of one model folder wise-<alpha> per alpha (each replaced if it exists)"),
+    out: Path = typer.Option(..., help="parent folder of one model folder wise-<alpha> per alpha (an earlier wise output "
+                                       "there is replaced; any other folder of that name is refused)"),
     base: str = typer.Option("default", help=_BASE_HELP),
     alpha: list[float] = typer.Option([0.5], help="weight a of the tuned model in (1 - a) W_0 + a W_ft, in [0, 1] (repeatable)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),

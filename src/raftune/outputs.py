@@ -195,30 +195,36 @@ def _file_sha256(path: Path, memo: dict) -> str:
     return h.hexdigest()
 
 
-def _memo_path() -> Path:
+@contextlib.contextmanager
+def _memo() -> Iterator[dict]:
+    """The per-file hashes remembered in the raftune cache, saved back after the block (entries of files
+    that are gone dropped); a cache that cannot be read or written costs time, not correctness."""
     from raftune.models import cache_dir
 
-    return cache_dir() / "fingerprints.json"
+    path = cache_dir() / "fingerprints.json"
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8"))
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    yield memo
+    with contextlib.suppress(OSError):
+        atomic_write_json(path, {k: v for k, v in memo.items() if os.path.exists(k)})
 
 
 def folder_fingerprint(folder: str | Path) -> str:
     """sha256 over the names and contents of the files of ``folder`` (recursively; hidden files and
     raftune's manifest and lock left out: they say who wrote the folder, not what it holds)."""
     folder = Path(folder).resolve()
-    memo_file = _memo_path()
-    try:
-        memo = json.loads(memo_file.read_text(encoding="utf-8"))
-        memo = memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
-        memo = {}
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in _SKIP
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    digest = stable_hash([[str(p.relative_to(folder)), _file_sha256(p, memo)] for p in files], 32)
-    try:
-        atomic_write_json(memo_file, memo)
-    except OSError:  # a read-only cache costs time, not correctness
-        pass
-    return digest
+    with _memo() as memo:
+        return stable_hash([[str(p.relative_to(folder)), _file_sha256(p, memo)] for p in files], 32)
+
+
+def _file_fingerprint(path: Path) -> str:
+    with _memo() as memo:
+        return _file_sha256(path.resolve(), memo)[:32]
 
 
 def model_fingerprint(spec: str | None) -> str | None:
@@ -261,16 +267,3 @@ def data_fingerprint(spec: str | None) -> str | None:
 
         return f"demo:{sys.version_info[0]}.{sys.version_info[1]}"
     return f"id:{spec}"
-
-
-def _file_fingerprint(path: Path) -> str:
-    memo_file = _memo_path()
-    try:
-        memo = json.loads(memo_file.read_text(encoding="utf-8"))
-        memo = memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
-        memo = {}
-    digest = _file_sha256(path.resolve(), memo)
-    with contextlib.suppress(OSError):
-        atomic_write_json(memo_file, memo)
-    return digest[:32]
