@@ -204,6 +204,21 @@ def test_fapm_out_never_deletes_a_folder_it_did_not_write(tiny_model_dir, tuned,
     assert result.exit_code == 2 and "holds a raftune eval output, not a fapm one" in flat(result.output)
 
 
+def test_templates_and_demo_out_never_overwrite_a_users_file(tmp_path):
+    edited = tmp_path / "templates.yaml"
+    assert runner.invoke(app, ["templates", "--out", str(edited)]).exit_code == 0
+    assert runner.invoke(app, ["templates", "--out", str(edited)]).exit_code == 0  # the same content again: fine
+    edited.write_text(edited.read_text().replace("Score:", "Grade:"))  # the user's edits
+    before = edited.read_bytes()
+    result = runner.invoke(app, ["templates", "--out", str(edited)])
+    assert result.exit_code == 2 and "exists with other content; it is left as it is" in flat(result.output)
+    assert edited.read_bytes() == before
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"question": "q", "answer": "a"}\n')
+    result = runner.invoke(app, ["demo", "--out", str(mine)])
+    assert result.exit_code == 2 and mine.read_text() == '{"question": "q", "answer": "a"}\n'
+
+
 def test_a_posthoc_model_is_made_again_when_what_made_it_changes(tiny_model_dir, tuned, tmp_path):
     from raftune.posthoc import fapm
 

@@ -517,27 +517,42 @@ def _cannot_write(path: Path, error: OSError) -> NoReturn:
     raise typer.Exit(2) from None
 
 
-@app.command()
-def demo(out: Path = typer.Option(Path("demo.jsonl"), help="where to write the demo dataset (missing folders are created)")):
-    """Write the built-in demo domain (Python standard library QA) as JSONL."""
-    from raftune.demo import write_demo
+def _write_new(out: Path, text: str) -> None:
+    """Write ``text`` to ``out``: a new file, or one that holds exactly ``text`` already. A file with other
+    content (a user's edited templates, another dataset) is refused, never overwritten: a single file
+    carries no manifest that would say raftune wrote it."""
+    from raftune.files import atomic_write_text
 
+    if out.is_file() and out.read_bytes() != text.encode("utf-8"):
+        fail(f"{out}: exists with other content; it is left as it is: give another path, or move it away first")
+        raise typer.Exit(2)
     try:
-        n = write_demo(out)
+        atomic_write_text(out, text)  # creates the missing folders
     except OSError as e:
         _cannot_write(out, e)
-    print(f"wrote {n} question/answer pairs to {out}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo.jsonl"), help="where to write the demo dataset (missing folders are created; "
+                                                          "an existing file of other content is refused)")):
+    """Write the built-in demo domain (Python standard library QA) as JSONL."""
+    import json
+
+    from raftune.demo import build_demo
+
+    rows = build_demo()
+    _write_new(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} question/answer pairs to {out}")
 
 
 @app.command("templates")
 def templates_cmd(
-    out: Optional[Path] = typer.Option(None, help="write the templates to this YAML file, creating missing folders "
-                                                  "(default: print them)"),
+    out: Optional[Path] = typer.Option(None, help="write the templates to this YAML file, creating missing folders; "
+                                                  "an existing file of other content is refused (default: print them)"),
     templates: Optional[str] = typer.Option(None, help="a YAML file of overrides, shown applied (default: none)"),
 ):
     """Show the prompt templates (refine: rewrite, fuse, judge; eval: domain_judge, general_judge, pairwise_judge);
     edit the YAML and pass it with --templates to `refine` or `eval`."""
-    from raftune.files import atomic_write_text
     from raftune.templates import TemplateError, dump_templates, load_templates
 
     try:
@@ -546,10 +561,7 @@ def templates_cmd(
         fail(e)
         raise typer.Exit(2) from None
     if out:
-        try:
-            atomic_write_text(out, text)  # creates the missing folders
-        except OSError as e:
-            _cannot_write(out, e)
+        _write_new(out, text)
         print(f"wrote {out}")
     else:
         sys.stdout.write(text)
