@@ -34,7 +34,7 @@ def test_claim_rules(tmp_path):
     new = outputs.claim(tmp_path / "a" / "b", "eval", "k1", other_key="refuse")
     assert new.previous_key is None and not new.complete and outputs.read_manifest(tmp_path / "a" / "b")["kind"] == "eval"
     assert outputs.claim(tmp_path / "a" / "b", "eval", "k1", other_key="refuse").same  # its own output, same key
-    with pytest.raises(OutputError, match="holds a eval output of other settings"):
+    with pytest.raises(OutputError, match="holds an eval output of other settings"):
         outputs.claim(tmp_path / "a" / "b", "eval", "k2", other_key="refuse")
     redo = outputs.claim(tmp_path / "a" / "b", "eval", "k2", other_key="redo")
     assert redo.previous_key == "k1" and not redo.same and outputs.read_manifest(tmp_path / "a" / "b")["key"] == "k2"

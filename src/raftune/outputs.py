@@ -69,6 +69,10 @@ def read_manifest(folder: Path) -> dict | None:
     return raw
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def _contents(folder: Path, n: int = 4) -> str:
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
@@ -118,14 +122,14 @@ def claim(folder: str | Path, kind: str, key: str, *, other_key: Literal["refuse
                 raise OutputError(f"{folder}: exists and holds files raftune did not write as output ({_contents(folder)}); "
                                   f"it is left as it is: give a new folder for the {kind} output")
         elif manifest["kind"] != kind:
-            raise OutputError(f"{folder}: holds a raftune {manifest['kind']} output, not a {kind} one; it is left as it is: "
+            raise OutputError(f"{folder}: holds a raftune {manifest['kind']} output, not {_a(kind)} one; it is left as it is: "
                               f"give another folder{hint}")
         else:
             previous = manifest["key"]
             if previous != key and other_key == "refuse":
                 diff = differences(manifest.get("made_of"), made_of)
                 said = f" ({diff})" if diff else f" ({manifest['what']})" if manifest.get("what") else ""
-                raise OutputError(f"{folder}: holds a {kind} output of other settings or inputs{said}; it is left as it "
+                raise OutputError(f"{folder}: holds {_a(kind)} output of other settings or inputs{said}; it is left as it "
                                   f"is{hint}")
             if previous == key:
                 return Claim(folder, kind, key, previous, bool(manifest.get("complete")))
@@ -134,7 +138,7 @@ def claim(folder: str | Path, kind: str, key: str, *, other_key: Literal["refuse
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, kind, key, what, complete=False, **({"made_of": made_of} if made_of is not None else {}))
     if previous is not None:
-        log.warning("%s held a %s output of other settings or inputs; it is made again%s", folder, kind,
+        log.warning("%s held %s output of other settings or inputs; it is made again%s", folder, _a(kind),
                     f" ({what})" if what else "")
     return Claim(folder, kind, key, previous, False)
 
