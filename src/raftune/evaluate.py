@@ -673,20 +673,14 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
 
 
 def _finished_suites(run: Path, cfg: EvalConfig, key: str) -> dict[str, dict]:
-    """The summaries of the suites a previous run with the same settings and inputs (``key``) finished in ``run``."""
+    """The summaries of the suites a previous run with the same settings and inputs (``key``, which hashes both)
+    finished in ``run``. Another key finds none: ``outputs.claim`` then says the folder's output is made again."""
     path = run / "results.json"
-    if not path.exists():
-        return {}
     manifest = outputs.read_manifest(run)
-    if manifest is None or manifest["kind"] != "eval" or manifest["key"] != key:
-        log.warning("%s holds an evaluation of other settings or of another model content; its suites are computed "
-                    "again", run)
+    if not path.exists() or manifest is None or manifest["kind"] != "eval" or manifest["key"] != key:
         return {}
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        return {}
-    if old.get("settings") != cfg.output_settings():
-        log.warning("%s holds an evaluation with other settings; its suites are computed again", run)
         return {}
     return {s: v for s, v in old.get("suites", {}).items() if s in cfg.suites and (run / f"{s}.jsonl").exists()}
