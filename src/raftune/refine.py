@@ -364,10 +364,6 @@ def run_key(cfg: RefineConfig, train: list[QAExample]) -> str:
     return stable_hash({"settings": cfg.output_settings(), "data": [ex.key for ex in train], "models": inputs}, 12)
 
 
-def run_dir_for(cfg: RefineConfig, train: list[QAExample]) -> Path:
-    return Path(cfg.out_dir) / f"refine-{run_key(cfg, train)}"
-
-
 def _load_records(run: Path, own_log: Path | None = None) -> list[dict]:
     """All record logs of the run. Only ``own_log`` (held under our lock) has a cut-off last line
     repaired; another shard's log may be mid-write, so its partial line is just skipped. Every record
