@@ -172,6 +172,49 @@ def test_sentences_words_and_tokens():
     assert word_tokens("I DON'T KNOW. \"Really\"") == ["I", "DO", "N'T", "KNOW", ".", "``", "Really", "''"]
 
 
+PUNKT_TEXTS = [
+    "Dr. Smith went to Washington D.C. on Jan. 5. He said: \"Hi!\" Then he left.",
+    "It costs 3.14 dollars in the U.S. today. Mr. J. R. R. Tolkien wrote it... Did he? Yes!",
+    "i.e. the first; e.g. the second. (See p. 5.) 'Quoted.' And then -- nothing.\n\nNew paragraph here.",
+    "Prof. Brown, Ph.D., arrived at 3 p.m. on Sept. 12th. The meeting (room 4B) began. St. Louis is far.",
+    "SHOUTING IS HERE. NO PERIODS HERE\nJUST LINES\n* bullet one\n* bullet two. Done.",
+    "",
+]
+
+
+def test_punkt_tab_folder_gives_nltk_the_same_splits(tmp_path, monkeypatch):
+    import nltk
+    from nltk.tokenize.punkt import PunktTokenizer, load_punkt_params
+
+    from raftune.ifeval import punkt_tab_nltk_dir, split_sentences
+
+    monkeypatch.setenv("RAFTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+    monkeypatch.setattr(nltk, "download", lambda *a, **k: pytest.fail("nltk.download was called"))
+    root = punkt_tab_nltk_dir()
+    assert root.is_relative_to(tmp_path / "nltk_data") and nltk.data.path[0] == str(root)
+    found = nltk.data.find("tokenizers/punkt_tab/english/")
+    assert Path(str(found)).is_relative_to(root)
+
+    import punkt
+
+    model, params = punkt.load_model("english"), load_punkt_params(found)  # the tables read back whole
+    assert params.abbrev_types == set(model.abbrev_types) and params.sent_starters == set(model.sent_starters)
+    assert params.collocations == set(model.collocations) and dict(params.ortho_context) == model.ortho_context
+
+    tokenizer = PunktTokenizer("english")  # what nltk.sent_tokenize builds, read from the folder
+    for text in PUNKT_TEXTS:
+        assert tokenizer.tokenize(text) == split_sentences(text)
+        assert nltk.sent_tokenize(text) == split_sentences(text)
+        assert nltk.word_tokenize(text) == word_tokens(text)
+
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    assert punkt_tab_nltk_dir() == root  # written once: a second call reuses the folder
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == mtimes
+    assert nltk.data.path.count(str(root)) == 1
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
 def test_language_detection_is_repeatable():
     text = "ok fine"  # short text: unseeded langdetect answers differently from run to run
     assert len({detect_language(text) for _ in range(5)}) == 1

