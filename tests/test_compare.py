@@ -546,3 +546,139 @@ def test_evaluations_by_raftune_eval_on_other_data_are_told_apart(tiny_model_dir
     assert "(n/c" not in out["markdown"].split("| base |")[1].splitlines()[0]
     assert out["comparability"]["base"]["raft"]["ifeval"]["comparable"] is False  # no retention vs base either
     assert out["comparability"]["base"]["sft"]["ifeval"]["comparable"] is True
+
+
+# --- the trade-off: domain gain against forgetting, one curve per method ----------------------------------------
+
+from raftune.compare import format_setting, group_curves, pareto_front  # noqa: E402
+
+
+def test_pareto_front_keeps_what_nothing_dominates():
+    pts = {"base": (0.0, 0.0), "a": (0.01, 0.1), "a-twin": (0.01, 0.1),  # equal points: neither dominates the other
+           "b": (0.02, 0.1),  # as much gain as a for more drift: dominated
+           "c": (0.01, 0.05),  # as much drift as a for less gain: dominated
+           "d": (0.05, 0.3), "e": (0.04, -0.1),  # e: less gain than the base for more drift
+           "f": (0.0, 0.0)}  # equal to the base
+    assert pareto_front(pts) == ["base", "a", "a-twin", "d", "f"]
+    assert pareto_front({"only": (1.0, 1.0)}) == ["only"]
+    assert pareto_front({"x": (0.1, 0.2), "y": (0.2, 0.1)}) == ["x"]
+
+
+def test_runs_of_one_family_are_one_curve_with_the_setting_that_varies():
+    members = {
+        "sft-a": {"family": ["sft"], "name": "sft", "settings": {"lr": 3e-6, "kl_lambda": None}},
+        "sft-b": {"family": ["sft"], "name": "sft", "settings": {"lr": 1e-5, "kl_lambda": None}},
+        "raft": {"family": ["raft"], "name": "raft", "settings": {"lr": 1e-5, "kl_lambda": None}},
+        "raft-0.1": {"family": ["raft"], "name": "raft", "settings": {"lr": 1e-5, "kl_lambda": 0.1}},
+        "raft-h": {"family": ["raft", "appendix_h"], "name": "raft", "settings": {"lr": 1e-5}},  # another variant
+        "mine": {"curve": "sft"},  # a curve named by hand, whose name the sft family has already
+    }
+    g = group_curves(members)
+    assert g["sft-a"] == {"curve": "sft", "setting": {"lr": 3e-6}} and g["sft-b"]["setting"] == {"lr": 1e-5}
+    assert g["raft"] == {"curve": "raft", "setting": {"kl_lambda": None}} and g["raft-0.1"]["curve"] == "raft"
+    assert g["raft-h"] == {"curve": "raft-h", "setting": {}}  # a curve of one run: named by its label
+    assert g["mine"]["curve"] == "sft (mine)"
+    assert format_setting({"kl_lambda": None, "lr": 1e-05}) == "kl_lambda EMA, lr 1e-05" and format_setting({}) == "-"
+
+
+def _trained(tmp_path, name, r, config, losses, ifeval=None):
+    """An eval folder of a model saved by a training run: train-<name>/{model, config.json, metrics.jsonl}."""
+    model = tmp_path / f"train-{name}" / "model"
+    model.mkdir(parents=True)
+    (model / "raftune.json").write_text(json.dumps({"method": config["method"]}))
+    (model.parent / "config.json").write_text(json.dumps({"model": "default", "data": "fused.jsonl", **config}))
+    (model.parent / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "eval_domain_loss": losses[0]}) + "\n" + json.dumps({"step": 1, "lr": 1e-5, "ce": 2.0}) + "\n"
+        + json.dumps({"step": 2, "eval_domain_loss": losses[1]}) + "\n")
+    folder = write(tmp_path, name, r)
+    (folder / "results.json").write_text(json.dumps({"suites": r, "config": {"model": str(model)}}))
+    return folder
+
+
+def _wise(tmp_path, name, r, tuned, alpha):
+    model = tmp_path / f"wise-{name}" / f"wise-{alpha:g}"
+    model.mkdir(parents=True)
+    (model / "raftune.json").write_text(json.dumps({"method": "wise", "alpha": alpha, "tuned_model": str(tuned)}))
+    folder = write(tmp_path, name, r)
+    (folder / "results.json").write_text(json.dumps({"suites": r, "config": {"model": str(model)}}))
+    return folder
+
+
+def test_compare_draws_each_method_as_a_curve_with_the_front_marked(tmp_path, monkeypatch):
+    """Runs read from their training folders: sft at two learning rates is one curve, sft at two budgets
+    another (when TrainConfig records one), raft a single point; the table gets each run's setting, gain and
+    Pareto flags, the plot one line per curve."""
+    from raftune import compare as compare_module
+
+    base = write(tmp_path, "base", results(0.1, 0.40, 0.25, 6, kl=0.0))
+    folders, labels = [base], ["base"]
+    for name, cfg, losses, ifeval, kl in [
+        ("sft-lo", {"method": "sft", "learning_rate": 3e-6}, (2.5, 2.4), 0.38, 0.02),
+        ("sft-hi", {"method": "sft", "learning_rate": 3e-5}, (2.5, 2.0), 0.30, 0.06),
+        ("sft-b1", {"method": "sft", "learning_rate": 1e-5, "forgetting_budget": 0.01}, (2.5, 2.35), 0.39, 0.01),
+        ("sft-b2", {"method": "sft", "learning_rate": 1e-5, "forgetting_budget": 0.03}, (2.5, 2.3), 0.37, 0.03),
+        ("raft", {"method": "raft", "learning_rate": 1e-5, "kl_lambda": None}, (2.5, 2.45), 0.39, 0.025),
+    ]:
+        folders.append(_trained(tmp_path, name, results(0.1, ifeval, 0.25, 6, kl=kl), cfg, losses))
+        labels.append(name)
+    folders.append(_wise(tmp_path, "wise-0.5", results(0.1, 0.39, 0.25, 6, kl=0.01),
+                         tmp_path / "train-sft-hi" / "model", 0.5))
+    folders.append(_wise(tmp_path, "wise-0.25", results(0.1, 0.395, 0.25, 6, kl=0.005),
+                         tmp_path / "train-sft-hi" / "model", 0.25))
+    labels += ["wise-0.5", "wise-0.25"]
+    drawn = {}
+    real_save = compare_module._save
+
+    def spy(fig, path):
+        if path.name == "tradeoff_curves.png":
+            for ax in fig.axes:
+                drawn[ax.get_title()] = {line.get_label(): list(zip(*line.get_data())) for line in ax.lines
+                                         if not line.get_label().startswith("_")}
+        return real_save(fig, path)
+
+    monkeypatch.setattr(compare_module, "_save", spy)
+    out = compare(folders, labels, tmp_path / "cmp")
+    t = out["tradeoff"]
+    assert t["curves"] == {"base": ["base"], "sft": ["sft-lo", "sft-hi"], "sft budget": ["sft-b1", "sft-b2"],
+                           "raft": ["raft"], "wise(sft-hi)": ["wise-0.5", "wise-0.25"]}
+    p = t["points"]
+    assert p["sft-lo"]["setting"] == {"lr": 3e-6} and p["sft-b2"]["setting"] == {"forgetting_budget": 0.03}
+    assert p["raft"]["setting"] == {} and p["wise-0.25"]["setting"] == {"alpha": 0.25}  # one run: no setting varies
+    assert p["sft-hi"]["domain_gain"] == pytest.approx(0.5) and p["base"]["domain_gain"] == 0.0
+    assert p["wise-0.5"]["domain_gain"] is None  # a post-hoc model outside raftune run: no held-out loss here
+    assert p["sft-hi"]["IFEval strict forgetting"] == pytest.approx(0.25)
+    # drift: base (0, 0), sft-b1 (0.01, 0.15), sft-lo (0.02, 0.1) dominated by sft-b1, sft-b2 (0.03, 0.2),
+    # raft (0.025, 0.05) dominated, sft-hi (0.06, 0.5)
+    assert t["front"]["drift KL"] == ["base", "sft-hi", "sft-b1", "sft-b2"]
+    assert p["sft-lo"]["pareto"]["drift KL"] is False and p["wise-0.5"]["pareto"]["drift KL"] is None
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| sft-b2 | sft budget | forgetting_budget 0.03 | 0.2 | 0.03 | 7.5 | drift KL, IFEval strict |" in md
+    assert "| raft | raft | - | 0.05 | 0.025 | 2.5 | - |" in md
+    saved = _strict((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["tradeoff"]["front"] == t["front"]
+    assert str(tmp_path / "cmp" / "tradeoff_curves.png") in out["plots"]
+    assert set(drawn) == {"Domain gain vs drift KL", "Domain gain vs IFEval strict forgetting"}
+    lines = drawn["Domain gain vs drift KL"]
+    assert set(lines) == {"sft", "sft budget", "raft"}  # wise has no gain to draw
+    assert lines["sft"] == [(0.02, pytest.approx(0.1)), (0.06, pytest.approx(0.5))]  # in order of forgetting
+
+
+def test_points_given_by_the_pipeline_are_used_and_differing_base_losses_said(tmp_path, caplog):
+    folders = [write(tmp_path, "base", results(0.1, 0.4, 0.25, 6, kl=0.0)),
+               write(tmp_path, "a", results(0.1, 0.3, 0.25, 6, kl=0.05)),
+               write(tmp_path, "b", results(0.1, 0.35, 0.25, 6, kl=0.02))]
+    points = {"a": {"curve": "wise(sft)", "setting": {"alpha": 1.0}, "base_domain_loss": 2.5, "domain_loss": 2.0},
+              "b": {"curve": "wise(sft)", "setting": {"alpha": 0.5}, "base_domain_loss": 2.6, "domain_loss": 2.3}}
+    out = compare(folders, None, tmp_path / "cmp", points=points)
+    t = out["tradeoff"]
+    assert t["curves"]["wise(sft)"] == ["a", "b"] and t["points"]["b"]["domain_gain"] == pytest.approx(0.3)
+    assert t["front"]["drift KL"] == ["base", "a", "b"]
+    assert "held-out losses the gains start from differ (a 2.5, b 2.6)" in caplog.text
+    assert "note: the held-out losses" in out["markdown"]
+
+
+def test_no_trade_off_without_domain_losses(tmp_path):
+    folders = [write(tmp_path, n, results(0.1, 0.4, 0.25, 6, kl=0.01)) for n in ("base", "sft")]
+    out = compare(folders, None, tmp_path / "cmp")
+    assert "Trade-off" not in out["markdown"] and not any(p.endswith("tradeoff_curves.png") for p in out["plots"])
+    assert out["tradeoff"]["points"]["sft"]["domain_gain"] is None and out["tradeoff"]["front"]["drift KL"] == []

@@ -20,6 +20,11 @@ metric, with the change vs the run labelled ``sft`` when there is one (Table 1),
 every general metric vs the run labelled ``base`` (Table 4). Written as Markdown and JSON, with
 plots: retention bars, the trade-off scatter (D-Acc vs mean general retention), and the training
 curves (CE, KL, lambda) of the runs whose model came from ``raftune train``.
+
+The trade-off (``tradeoff``): every run's domain gain (the base model's held-out domain loss minus the
+run's) against its forgetting (drift KL; 1 - IFEval strict retention), one curve per method: the runs
+that differ only in a swept setting (learning rate, lambda, forgetting budget, WiSE-FT alpha, ...), the
+Pareto front marked and the base at the origin, as a table section and ``tradeoff_curves.png``.
 """
 from __future__ import annotations
 
@@ -476,6 +481,229 @@ def _training_metrics(results: dict) -> list[dict]:
     return [row for row in rows if isinstance(row, dict) and "lr" in row and _is_number(row.get("step"))]
 
 
+# --- the trade-off: domain gain against forgetting, one curve per method -------------------------------------
+
+# the forgetting axes, each 0 for the base model: drift KL as the drift suite reports it, and 1 - IFEval retention
+FORGETTING = ("drift KL", "IFEval strict forgetting")
+# the settings a sweep varies: the runs of one curve differ in these and nothing else
+SWEPT = ("lr", "kl_lambda", "forgetting_budget", "l2sp_alpha", "replay_ratio", "talr_tau", "alpha", "keep")
+# what a swept setting left unset (null) means, as the table prints it
+UNSET = {"kl_lambda": "EMA", "forgetting_budget": "off", "talr_tau": "median", "l2sp_alpha": "method's"}
+# the settings of a train run's config.json that say what was trained (read where no curve was given)
+METHOD_KEYS = ("method", "model", "teacher_model", "data", "answer_field", "teacher_context", "top_k", "kl_direction",
+               "lora", "replay_data", "epochs", "max_steps", "batch_size")
+_BASE_LOSS_RTOL = 1e-3  # held-out losses of the base model further apart than this were measured on other data
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The labels of ``points`` (label -> (forgetting, domain gain)) that no other point dominates, in input
+    order. Less forgetting and more gain are better; a point dominates another that it matches or beats on
+    both and beats on one, so two equal points are both on the front."""
+    return [a for a, (x, y) in points.items()
+            if not any(x2 <= x and y2 >= y and (x2 < x or y2 > y) for b, (x2, y2) in points.items() if b != a)]
+
+
+def group_curves(members: dict[str, dict]) -> dict[str, dict]:
+    """label -> ``{"curve": name, "setting": {swept setting: value}}``. ``members``: label -> ``{"family":
+    what the run is but for its swept settings (any JSON value), "name": the curve's name, "settings": {swept
+    setting: value}}``, or ``{"curve": name}`` (explicit, optionally with "settings"). Runs of one family are one
+    curve, and ``setting`` holds the swept settings whose values differ along it (empty for a single run); a
+    curve of one run is named by the run's label, and a name two curves would share gets its first run's label."""
+    families: dict[str, list[str]] = {}
+    for label, m in members.items():
+        key = json.dumps(["curve", m["curve"]] if "curve" in m else ["family", m["family"]], sort_keys=True, default=str)
+        families.setdefault(key, []).append(label)
+    out, names = {}, {}
+    for key, labels in families.items():
+        first = members[labels[0]]
+        name = first.get("curve") or (first["name"] if len(labels) > 1 else labels[0])
+        if name in names.values():
+            name = f"{name} ({labels[0]})"
+        names[key] = name
+        settings = [members[label].get("settings") or {} for label in labels]
+        varied = [k for k in SWEPT if len({json.dumps(s.get(k)) for s in settings}) > 1]
+        for label, s in zip(labels, settings):
+            out[label] = {"curve": name, "setting": {k: s.get(k) for k in varied}}
+    return out
+
+
+def format_setting(setting: dict) -> str:
+    """``{"lr": 1e-05, "kl_lambda": None}`` as ``lr 1e-05, kl_lambda EMA``; ``-`` for none."""
+    parts = [f"{k} {UNSET.get(k, 'default') if v is None else format(v, 'g') if _is_number(v) else v}"
+             for k, v in setting.items()]
+    return ", ".join(parts) or "-"
+
+
+def _json_file(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _model_folder(results: dict) -> Path | None:
+    model = (results.get("config") or {}).get("model")
+    return Path(model) if isinstance(model, str) and model and Path(model).is_dir() else None
+
+
+def _domain_losses(results: dict) -> tuple[float | None, float | None]:
+    """(held-out domain loss of the model a training run started from, of the model it saved), from the
+    run's metrics.jsonl: the first and the last ``eval_domain_loss`` (train logs one before and one after)."""
+    model = _model_folder(results)
+    rows = _eval_rows(model.parent / "metrics.jsonl") if model else []
+    losses = [row["eval_domain_loss"] for row in rows]
+    return (losses[0], losses[-1]) if len(losses) >= 2 else (None, None)
+
+
+def _eval_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        rows = read_jsonl_log(path, repair=False)
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and _finite(r.get("eval_domain_loss")) and _is_number(r.get("step"))]
+
+
+def infer_points(runs: dict[str, dict]) -> dict[str, dict]:
+    """Trade-off points read from the files beside each evaluated model (for ``raftune compare`` on its own;
+    ``raftune run`` knows its entries and passes them): a model a training run saved is one run of the curve
+    of its method (with or without a forgetting budget), its settings from the run's config.json; a WiSE-FT
+    or FAPM model (its raftune.json) one of ``wise(<label of the model it came from>)``. Its domain losses
+    come from the training run's metrics.jsonl; a post-hoc model has none here (no point drawn)."""
+    by_model = {str(m.resolve()): label for label, r in runs.items() if (m := _model_folder(r))}
+    members, losses = {}, {}
+    for label, r in runs.items():
+        model = _model_folder(r)
+        if label == "base" or model is None:
+            continue
+        meta = _json_file(model / "raftune.json") or {}
+        config = _json_file(model.parent / "config.json")
+        if meta.get("method") in ("wise", "fapm"):
+            tuned = str(meta.get("tuned_model"))
+            source = by_model.get(str(Path(tuned).resolve())) or Path(tuned).parent.name
+            members[label] = {"family": [meta["method"], tuned], "name": f"{meta['method']}({source})",
+                              "settings": {k: meta[k] for k in ("alpha", "keep") if k in meta}}
+        elif config is not None and "method" in config:
+            budgeted = config.get("forgetting_budget") is not None
+            settings = {k: config.get(k) for k in SWEPT if k in config}
+            settings["lr"] = config.get("learning_rate", config.get("lr"))
+            members[label] = {"family": [{k: config.get(k) for k in METHOD_KEYS}, budgeted],
+                              "name": config["method"] + (" budget" if budgeted else ""), "settings": settings}
+            losses[label] = _domain_losses(r)
+    return {label: {**g, "base_domain_loss": losses.get(label, (None, None))[0],
+                    "domain_loss": losses.get(label, (None, None))[1]}
+            for label, g in group_curves(members).items()}
+
+
+def tradeoff(table: dict, runs: dict[str, dict], points: dict[str, dict] | None = None) -> dict:
+    """The trade-off of every run: its curve and swept setting, its domain gain (the held-out domain loss
+    of the base model minus its own, CE per answer token), its forgetting on each axis (``FORGETTING``: drift
+    KL; 1 - IFEval strict retention vs the run labelled ``base``) and whether it is on the Pareto front of
+    each axis (with the base at the origin). ``points``: label -> ``{"curve", "setting", "base_domain_loss",
+    "domain_loss"}``, as ``raftune run`` gives them; default ``infer_points``. A value that cannot be had
+    (no drift suite, a suite not comparable with the base's, no domain loss) is None, and no front is
+    claimed without it."""
+    points = infer_points(runs) if points is None else points
+    base = runs.get("base")
+    out, notes = {}, []
+    for label, r in runs.items():
+        if label == "base":
+            out[label] = {"curve": "base", "setting": {}, "base_domain_loss": None, "domain_loss": None,
+                          "domain_gain": 0.0, **dict.fromkeys(FORGETTING, 0.0)}
+            continue
+        p = points.get(label) or {}
+        before, after = p.get("base_domain_loss"), p.get("domain_loss")
+        gain = before - after if _finite(before) and _finite(after) else None
+        drift = table["rows"][label].get("drift KL")
+        if drift is not None and base is not None and isinstance(_suites(base).get("drift"), dict):
+            verdict = suite_comparability(r, base, "drift", "base")
+            if verdict["comparable"] is False:
+                notes.append(f"`{label}`: drift KL not comparable with the base's ({'; '.join(verdict['why'])}); not drawn")
+                drift = None
+        kept = table["retention"].get(label, {}).get("IFEval strict")
+        out[label] = {"curve": p.get("curve") or label, "setting": p.get("setting") or {}, "base_domain_loss": before,
+                      "domain_loss": after, "domain_gain": gain, "drift KL": drift,
+                      "IFEval strict forgetting": 1.0 - kept if kept is not None else None}
+    befores = {label: p["base_domain_loss"] for label, p in out.items() if p["domain_gain"] is not None and label != "base"}
+    if befores and max(befores.values()) - min(befores.values()) > _BASE_LOSS_RTOL * min(befores.values()):
+        notes.append("the held-out losses the gains start from differ (" + ", ".join(f"{k} {v:.4g}" for k, v in befores.items())
+                     + "): not all runs measured their domain loss on the same data, or from the same model")
+    front = {}
+    for axis in FORGETTING:
+        xy = {label: (p[axis], p["domain_gain"]) for label, p in out.items() if p[axis] is not None and p["domain_gain"] is not None}
+        front[axis] = pareto_front(xy) if len(xy) > 1 else []  # the base alone is no trade-off
+        for label, p in out.items():
+            p.setdefault("pareto", {})[axis] = (label in front[axis]) if label in xy and front[axis] else None
+    curves: dict[str, list[str]] = {}
+    for label, p in out.items():
+        curves.setdefault(p["curve"], []).append(label)
+    for note in notes:
+        log.warning("trade-off: %s", note)
+    return {"axes": list(FORGETTING), "points": out, "curves": curves, "front": front, "notes": notes}
+
+
+def _tradeoff_markdown(t: dict) -> str:
+    """The trade-off section of comparison.md: one row per run; empty where no run has a gain and a forgetting."""
+    if not any(t["front"].values()):
+        return ""
+    axes = [a for a in t["axes"] if t["front"][a]]
+    out = ("\n## Trade-off: domain gain vs forgetting\n\nDomain gain: held-out domain loss of the base model minus the "
+           "run's (CE per answer token; higher learned more). Forgetting: " + "; ".join(
+               {"drift KL": "drift KL per token (the drift suite)",
+                "IFEval strict forgetting": "1 - IFEval strict retention vs base"}[a] for a in axes)
+           + ". Pareto: the axes on which no other run, the base included, has at least as much gain for at most "
+             "as much forgetting and is better on one.\n\n")
+    out += ("| run | curve | setting | domain gain | " + " | ".join(a + (" (%)" if a != "drift KL" else "") for a in axes)
+            + " | Pareto |\n")
+    out += "|---" * (len(axes) + 5) + "|\n"
+    for label, p in t["points"].items():
+        cells = [_fmt(p["domain_gain"], False)] + [_fmt(p[a], a != "drift KL") for a in axes]
+        on = [a.removesuffix(" forgetting") for a in axes if p["pareto"].get(a)]
+        out += f"| {label} | {p['curve']} | {format_setting(p['setting'])} | " + " | ".join(cells) + f" | {', '.join(on) or '-'} |\n"
+    return out + "".join(f"\nnote: {n}.\n" for n in t["notes"])
+
+
+def plot_tradeoff(t: dict, out_dir: Path) -> Path | None:
+    """``tradeoff_curves.png``: domain gain against each forgetting axis, one line per curve (its runs in
+    order of forgetting, each marked with its swept setting), the base a star at the origin and the Pareto
+    front a dashed staircase through ringed points. None where no run has a gain and a forgetting."""
+    axes = [a for a in t["axes"] if t["front"][a]]
+    if not axes:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, panels = plt.subplots(1, len(axes), figsize=(5.4 * len(axes), 4.2), squeeze=False)
+    curves = [c for c in t["curves"] if c != "base"]
+    for ax, axis in zip(panels[0], axes):
+        for i, curve in enumerate(curves):
+            pts = sorted((p[axis], p["domain_gain"], p["setting"]) for label in t["curves"][curve]
+                         if (p := t["points"][label])[axis] is not None and p["domain_gain"] is not None)
+            if not pts:
+                continue
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", color=f"C{i % 10}", label=curve)
+            for x, y, setting in pts:
+                if setting:
+                    ax.annotate(", ".join(format(v, "g") if _is_number(v) else str(v) for v in setting.values()),
+                                (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i % 10}")
+        front = sorted((t["points"][label][axis], t["points"][label]["domain_gain"]) for label in t["front"][axis])
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--", linewidth=0.9)
+        ax.scatter([x for x, _ in front], [y for _, y in front], s=130, facecolors="none", edgecolors="black",
+                   linewidths=0.9, label="Pareto front", zorder=3)
+        ax.scatter([0], [0], marker="*", s=140, color="black", label="base", zorder=4)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.axvline(0, color="grey", linewidth=0.5)
+        ax.set_xlabel({"drift KL": "drift KL per token (vs base)", "IFEval strict forgetting": "1 - IFEval strict retention"}[axis])
+        ax.set_ylabel("domain gain (held-out loss, base - run)")
+        ax.set_title(f"Domain gain vs {axis}")
+        ax.legend(fontsize=7)
+    return _save(fig, Path(out_dir) / "tradeoff_curves.png")
+
+
 def _default_label(arg: str | Path) -> str:
     path = Path(os.path.abspath(arg))  # "." and "..": the folder's own name; symlinks keep theirs
     return (path.parent if path.name == "results.json" else path).name.removeprefix("eval-")
@@ -492,8 +720,11 @@ def _check_labels(labels: list[str], run_args: list) -> None:
         seen[label] = arg
 
 
-def compare(run_args: list[str | Path], labels: list[str] | None, out_dir: str | Path) -> dict:
-    """Check every input, then write comparison.md, comparison.json and the plots into ``out_dir``."""
+def compare(run_args: list[str | Path], labels: list[str] | None, out_dir: str | Path,
+            points: dict[str, dict] | None = None) -> dict:
+    """Check every input, then write comparison.md, comparison.json and the plots into ``out_dir``.
+    ``points``: each run's curve, swept setting and domain losses (see ``tradeoff``); default: read from
+    the files beside each evaluated model (``infer_points``)."""
     if not run_args:
         raise CompareError("no runs to compare: pass one or more eval run folders (or their results.json)")
     if labels and len(labels) != len(run_args):
@@ -506,13 +737,14 @@ def compare(run_args: list[str | Path], labels: list[str] | None, out_dir: str |
         raise CompareError(f"{blocker}: not a folder, so --out {out} cannot be made")
     table = build_table(runs)
     _warn_comparability(table)
+    table["tradeoff"] = tradeoff(table, runs, points)
     # a folder of the user's (or another kind's output) is refused before anything is written into it
     outputs.claim(out, "compare", stable_hash([labels, [str(a) for a in run_args]], 16), other_key="redo")
-    md = to_markdown(table)
+    md = to_markdown(table) + _tradeoff_markdown(table["tradeoff"])
     atomic_write_text(out / "comparison.md", md)
     # strict JSON: every value read is finite and a ratio that overflows is None, so allow_nan=False never
     # raises; it keeps NaN and Infinity, which strict parsers refuse, out of the file for good
     atomic_write_text(out / "comparison.json", json.dumps(table, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    table["plots"] = [str(p) for p in plot_comparison(table, out, runs)]
+    table["plots"] = [str(p) for p in [*plot_comparison(table, out, runs), plot_tradeoff(table["tradeoff"], out)] if p]
     table["markdown"] = md
     return table
