@@ -1,5 +1,6 @@
 """`raftune run`: refine then train from one config, on a tiny random model."""
 import json
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
@@ -122,3 +123,56 @@ def test_the_gpu_comparison_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, 
     assert summary["methods"]["fapm"]["posthoc"] == "fapm" and summary["methods"]["wise-0.5"]["from"] == "sft"
     for m in labels:
         assert table["rows"][m]["weight dist."] is not None
+
+
+def test_several_entries_of_one_method_are_one_trade_off_curve(tmp_path, tiny_model_dir):
+    """sft at two learning rates, WiSE-FT of one of them at three alphas and raft at two lambdas: each
+    entry trains (or is made) and is evaluated, pipeline.json says its curve and swept setting, and the
+    comparison draws one curve per method. WiSE-FT at alpha 1 is the SFT model and at alpha 0 the base, so
+    the held-out loss measured here for post-hoc models equals what the training run measured."""
+    import pytest
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What does g{i} do?", "answer": f"g{i} adds {i}."}) + "\n"
+                            for i in range(12)))
+    ifeval = tmp_path / "ifeval.jsonl"
+    ifeval.write_text("".join(json.dumps({"key": i, "prompt": p, "instruction_id_list": ["punctuation:no_comma"],
+                                          "kwargs": [{}]}) + "\n" for i, p in enumerate(["Name a colour.", "Name a tree."])))
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"instruction": f"Question {i}: what helps a headache?"}) + "\n" for i in range(2)))
+    tiny = str(tiny_model_dir)
+    cfg = {
+        "refine": {"data": str(data), "out_dir": str(tmp_path / "runs"), "model": tiny, "judges": [tiny],
+                   "max_new_tokens": 6, "judge_max_new_tokens": 4, "rounds": 1, "tau": -1.0, "test_fraction": 0.25,
+                   "device": "cpu"},
+        "train": {"batch_size": 3, "max_steps": 2, "rollout_max_new_tokens": 4, "top_k": 8, "device": "cpu"},
+        "methods": [{"name": "sft-a", "method": "sft", "lr": 1e-3}, {"name": "sft-b", "method": "sft", "lr": 1e-2},
+                    *({"name": f"wise-{a:g}", "posthoc": "wise", "from": "sft-a", "alpha": a} for a in (0.0, 0.5, 1.0)),
+                    {"name": "raft-ema", "method": "raft", "lr": 1e-3},
+                    {"name": "raft-0.5", "method": "raft", "lr": 1e-3, "kl_lambda": 0.5}],
+        "eval": {"suites": ["drift", "ifeval"], "ifeval_data": str(ifeval), "general_data": str(general),
+                 "max_new_tokens": 4, "device": "cpu"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(next((tmp_path / "runs").glob("refine-*/pipeline.json")).read_text())
+    m = summary["methods"]
+    assert [(label, r["curve"], r["setting"]) for label, r in m.items()] == [
+        ("sft-a", "sft", {"lr": 1e-3}), ("sft-b", "sft", {"lr": 1e-2}),
+        ("wise-0", "wise(sft-a)", {"alpha": 0.0}), ("wise-0.5", "wise(sft-a)", {"alpha": 0.5}),
+        ("wise-1", "wise(sft-a)", {"alpha": 1.0}),
+        ("raft-ema", "raft", {"kl_lambda": None}), ("raft-0.5", "raft", {"kl_lambda": 0.5})]
+    assert m["wise-1"]["domain_loss"] == pytest.approx(m["sft-a"]["domain_loss"], rel=1e-4)
+    assert m["wise-0"]["domain_loss"] == pytest.approx(m["sft-a"]["base_domain_loss"], rel=1e-4)
+    assert m["wise-0.5"]["base_domain_loss"] == m["sft-a"]["base_domain_loss"]
+    comparison = Path(summary["comparison"]["dir"])
+    t = json.loads((comparison / "comparison.json").read_text())["tradeoff"]
+    assert t["curves"] == {"base": ["base"], "sft": ["sft-a", "sft-b"], "wise(sft-a)": ["wise-0", "wise-0.5", "wise-1"],
+                           "raft": ["raft-ema", "raft-0.5"]}
+    assert t["points"]["sft-b"]["domain_gain"] == pytest.approx(m["sft-b"]["base_domain_loss"] - m["sft-b"]["domain_loss"])
+    assert all(p["drift KL"] is not None for p in t["points"].values())
+    assert t["points"]["wise-0"]["drift KL"] == pytest.approx(0.0, abs=1e-6)  # alpha 0 is the base model
+    assert "base" in t["front"]["drift KL"] and (comparison / "tradeoff_curves.png").exists()
+    assert "Trade-off: domain gain vs forgetting" in result.output

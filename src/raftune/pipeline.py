@@ -22,6 +22,14 @@ Method entries, in the order they run:
 - a post-hoc transform of an earlier entry's model: ``{name: fapm, posthoc: fapm, from: sft, keep: 0.1}``
   or ``{name: wise-0.5, posthoc: wise, from: sft, alpha: 0.5}``.
 
+Several entries of one method that differ only in a swept setting (``lr``, ``kl_lambda``,
+``forgetting_budget``, ``l2sp_alpha``, ``replay_ratio``, ``talr_tau``; a post-hoc entry's ``alpha`` or
+``keep``) are one trade-off curve: ``sft`` at three learning rates, ``wise(sft)`` at three alphas, ``sft
+budget`` at three budgets (``RunConfig.curves``). ``curve: NAME`` in an entry puts it on a curve by hand.
+pipeline.json records each entry's curve and swept setting, and the comparison draws every curve's
+domain gain against its forgetting (``raftune.compare.tradeoff``). A post-hoc model's held-out domain
+loss is measured here as training measures it, so WiSE-FT points have a gain too.
+
 RAFT trains on the fused answers; every other method on the original answers (set ``answer_field:
 answer`` for the "fused data + SFT" ablation).
 """
@@ -32,7 +40,7 @@ import json
 import logging
 from pathlib import Path
 
-from raftune.compare import compare
+from raftune.compare import SWEPT, compare, group_curves
 from raftune.evaluate import EvalConfig, evaluate
 from raftune.files import atomic_write_json
 from raftune.refine import RefineConfig, refine
@@ -43,7 +51,7 @@ log = logging.getLogger("raftune.pipeline")
 
 FUSED_METHODS = {"raft"}  # train on the fused answers; every baseline on the original ones
 POSTHOC = {"fapm": ("keep", 0.1), "wise": ("alpha", 0.5)}  # post-hoc transform -> its one setting and its default
-ENTRY_KEYS = {"name", "init_from", "dataset"}  # keys of a train entry that are the pipeline's, not TrainConfig's
+ENTRY_KEYS = {"name", "init_from", "dataset", "curve"}  # keys of a train entry that are the pipeline's, not TrainConfig's
 
 
 def posthoc_setting(entry: dict) -> tuple[str, float]:
@@ -77,12 +85,14 @@ class RunConfig:
         labels, trained = [], set()
         for m in map(normalize_entry, self.methods):
             name = m["name"]
+            if "curve" in m and not (isinstance(m["curve"], str) and m["curve"].strip()):
+                raise ValueError(f"methods: {name}: curve must be a name (a non-empty string), got {m['curve']!r}")
             if "posthoc" in m:
                 kind = m["posthoc"]
                 if kind not in POSTHOC:
                     raise ValueError(f"methods: {name}: unknown post-hoc transform {kind!r}; known: {sorted(POSTHOC)}")
                 setting, value = posthoc_setting(m)
-                if unknown := set(m) - {"name", "posthoc", "from", setting}:
+                if unknown := set(m) - {"name", "posthoc", "from", "curve", setting}:
                     raise ValueError(f"methods: {name}: unknown setting(s) {sorted(unknown)}")
                 if m.get("from") not in trained:
                     raise ValueError(f"methods: {name}: 'from' must name a trained entry listed before it, got {m.get('from')!r}")
@@ -140,6 +150,32 @@ class RunConfig:
                               "reference_field": "answer",
                               "eval_data": str(refine_dir / "heldout.jsonl"), **start, **variant}, keys_of=where)
 
+    def curves(self) -> dict[str, dict]:
+        """label -> ``{"curve": name, "setting": {swept setting: value}}`` for every entry. Train entries of
+        one method, data and starting model whose own settings differ only in ``SWEPT`` are one curve (named
+        by the method, with `` budget`` where a forgetting budget is set); post-hoc entries of one kind from
+        one entry another (``wise(sft)``); ``curve`` in an entry names its curve by hand."""
+        placeholder = Path(self.refine.out_dir) / "refine-(to be made)"
+        members, models = {}, {}
+        for entry in map(normalize_entry, self.methods):
+            label = entry["name"]
+            if "posthoc" in entry:
+                setting, value = posthoc_setting(entry)
+                members[label] = {"family": ["posthoc", entry["posthoc"], entry["from"]],
+                                  "name": f"{entry['posthoc']}({entry['from']})", "settings": {setting: value}}
+            else:
+                tcfg = self.train_config(entry, placeholder, placeholder, models)
+                models[label] = str(placeholder / label)
+                settings = {k: getattr(tcfg, k) for k in SWEPT if hasattr(tcfg, k)}
+                settings["lr"] = tcfg.learning_rate
+                budgeted = settings.get("forgetting_budget") is not None
+                own = {k: v for k, v in entry.items() if k not in {*SWEPT, "name", "curve"}}  # what the entry is
+                members[label] = {"family": ["train", own, budgeted], "settings": settings,
+                                  "name": ("sdft" if entry.get("dataset") == "sdft" else entry["method"]) + (" budget" if budgeted else "")}
+            if "curve" in entry:
+                members[label]["curve"] = entry["curve"]
+        return group_curves(members)
+
     def eval_config(self, refine_dir: Path, label: str, model: str, base_results: str | None = None) -> EvalConfig | None:
         """The evaluation of ``model`` (labelled ``label``) on the suites of the eval section; None without one."""
         if self.eval is None:
@@ -168,19 +204,31 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     sdft_dir = refine(dataclasses.replace(cfg.refine, mode="sdft"), progress=progress) if cfg.needs_sdft else None
     results = {"refine_dir": str(refine_dir), "sdft_dir": str(sdft_dir) if sdft_dir else None, "methods": {}}
     models: dict[str, str] = {}
+    configs: dict[str, TrainConfig] = {}
+    origin: dict[str, float | None] = {}  # the original model's held-out domain loss, as each entry's run measured it
+    curves = cfg.curves()
     for entry in map(normalize_entry, cfg.methods):
         label = entry["name"]
         if "posthoc" in entry:
-            results["methods"][label] = _posthoc(cfg, entry, refine_dir, models[entry["from"]])
+            r = results["methods"][label] = _posthoc(cfg, entry, refine_dir, models[entry["from"]])
+            r["base_domain_loss"] = origin[entry["from"]]
+            r["domain_loss"] = heldout_loss(r["model"], configs[entry["from"]])
+            origin[label] = origin[entry["from"]]
         else:
-            run = train(cfg.train_config(entry, refine_dir, sdft_dir, models), progress=progress)
+            configs[label] = cfg.train_config(entry, refine_dir, sdft_dir, models)
+            run = train(configs[label], progress=progress)
             evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_domain_loss" in r]
             results["methods"][label] = {"run_dir": str(run), "model": str(run / "model"),
                                           "base_domain_loss": evals[0]["eval_domain_loss"] if evals else None,
                                           "domain_loss": evals[-1]["eval_domain_loss"] if evals else None}
+            # a run started from an earlier entry's model measured that model first, not the original one
+            origin[label] = origin[entry["init_from"]] if "init_from" in entry else results["methods"][label]["base_domain_loss"]
+        results["methods"][label].update(curves[label])
         models[label] = results["methods"][label]["model"]
     if cfg.eval is not None:
-        results["comparison"] = _evaluate_all(cfg, refine_dir, results, progress)
+        points = {label: {**curves[label], "base_domain_loss": origin[label], "domain_loss": r["domain_loss"]}
+                  for label, r in results["methods"].items()}
+        results["comparison"] = _evaluate_all(cfg, refine_dir, results, points, progress)
     atomic_write_json(refine_dir / "pipeline.json", results)
     return results
 
@@ -202,8 +250,32 @@ def _posthoc(cfg: RunConfig, entry: dict, refine_dir: Path, tuned: str) -> dict:
             "base_domain_loss": None, "domain_loss": None}
 
 
-def _evaluate_all(cfg: RunConfig, refine_dir: Path, results: dict, progress: bool) -> dict:
-    """The base model, then every trained one, on the same suites; then the side-by-side table."""
+def heldout_loss(model: str, tcfg: TrainConfig) -> float | None:
+    """The held-out domain loss of ``model`` measured as the training run of ``tcfg`` measures its own: the
+    same held-out examples (data, limit, length guard), batch size, device and precision. For a model no
+    training run measured (a post-hoc transform's); None without held-out data."""
+    import torch
+
+    from raftune.data import load_qa
+    from raftune.models import load_model_and_tokenizer, pick_device
+    from raftune.sequences import end_of_turn_id
+    from raftune.train import TokenLosses, _fitting, domain_loss
+
+    if not tcfg.eval_data:
+        return None
+    device = pick_device(tcfg.device)
+    lm, tok = load_model_and_tokenizer(model, device=str(device), dtype=tcfg.dtype or "fp32")
+    # train's own length guard, so the examples are those its runs measured (not a second copy of the rule)
+    examples, _ = _fitting(load_qa(tcfg.eval_data, limit=tcfg.eval_limit)[0], tok, tcfg, tcfg.resolve(tok), lm)
+    bf16 = tcfg.mixed_precision == "bf16" or (tcfg.mixed_precision == "auto" and device.type == "cuda")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # training's held-out loss runs under it too
+        return domain_loss(TokenLosses(lm), tok, examples, tcfg.batch_size, tcfg.max_len,
+                           end_of_turn_id(tok, lm.generation_config), tcfg.loss_chunk)
+
+
+def _evaluate_all(cfg: RunConfig, refine_dir: Path, results: dict, points: dict, progress: bool) -> dict:
+    """The base model, then every trained one, on the same suites; then the side-by-side table, with each
+    entry's trade-off point (``points``: its curve, swept setting and held-out domain losses)."""
     tag = refine_dir.name.removeprefix("refine-")
     base_run = evaluate(cfg.eval_config(refine_dir, "base", cfg.refine.model), progress=progress)
     runs, labels = [base_run], ["base"]
@@ -212,5 +284,5 @@ def _evaluate_all(cfg: RunConfig, refine_dir: Path, results: dict, progress: boo
         r["eval_dir"] = str(run)
         runs.append(run)
         labels.append(method)
-    table = compare(runs, labels, refine_dir.parent / f"compare-{tag}")
+    table = compare(runs, labels, refine_dir.parent / f"compare-{tag}", points=points)
     return {"dir": str(refine_dir.parent / f"compare-{tag}"), "markdown": table["markdown"], "plots": table["plots"]}
