@@ -176,3 +176,51 @@ def test_several_entries_of_one_method_are_one_trade_off_curve(tmp_path, tiny_mo
     assert t["points"]["wise-0"]["drift KL"] == pytest.approx(0.0, abs=1e-6)  # alpha 0 is the base model
     assert "base" in t["front"]["drift KL"] and (comparison / "tradeoff_curves.png").exists()
     assert "Trade-off: domain gain vs forgetting" in result.output
+
+
+def test_the_tradeoff_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
+    """configs/medquad-tradeoff.yaml unchanged but for --set flags that shrink it: SFT at three learning
+    rates, WiSE-FT at three alphas, SFT and RAFT at three budgets and RAFT alone are trained (or made),
+    evaluated, and drawn as five curves."""
+    import dataclasses
+
+    import pytest
+
+    from conftest import shared_data
+    from raftune.train import TrainConfig
+
+    if "forgetting_budget" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        pytest.skip("TrainConfig has no forgetting_budget setting yet (issue 16, part 2): the config's budget "
+                    "entries cannot be built")
+    shared_data("medquad", "qa.jsonl.gz")
+    shared_data("ifeval", "input_data.jsonl")
+    shared_data("alpaca_eval", "alpaca_eval.jsonl")
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the config's data paths are relative to the checkout, as in the README
+    config = yaml.safe_load((repo / "configs" / "medquad-tradeoff.yaml").read_text())
+    tiny = str(tiny_model_dir)
+    shrink = {
+        "refine.model": tiny, "refine.judges": f"[{tiny}]", "refine.limit": 6, "refine.batch_size": 3,
+        "refine.max_new_tokens": 4, "refine.judge_max_new_tokens": 4, "refine.rounds": 1, "refine.tau": -1.0,
+        "refine.device": "cpu", "refine.out_dir": str(tmp_path / "runs"),
+        "train.max_steps": 2, "train.batch_size": 3, "train.rollout_max_new_tokens": 4, "train.top_k": 8,
+        "train.max_len": 96, "train.max_reference_tokens": 32, "train.eval_limit": 2, "train.device": "cpu",
+        "eval.ifeval_limit": 2, "eval.general_limit": 2, "eval.max_new_tokens": 4, "eval.batch_size": 4,
+        "eval.device": "cpu",
+    }
+    args = ["run", "--config", "configs/medquad-tradeoff.yaml"] + [a for k, v in shrink.items() for a in ("--set", f"{k}={v}")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(next((tmp_path / "runs").glob("refine-*/pipeline.json")).read_text())
+    labels = [m if isinstance(m, str) else m["name"] for m in config["methods"]]
+    assert list(summary["methods"]) == labels and len(labels) == 13
+    for m, r in summary["methods"].items():
+        if "budget" in m:
+            budget = json.loads((Path(r["run_dir"]) / "config.json").read_text())["forgetting_budget"]
+            assert r["setting"] == {"forgetting_budget": budget} and budget == float(m.rsplit("-", 1)[1])
+    t = json.loads((Path(summary["comparison"]["dir"]) / "comparison.json").read_text())["tradeoff"]
+    assert {c: len(runs) for c, runs in t["curves"].items()} == {
+        "base": 1, "sft": 3, "wise(sft-lr1e-5)": 3, "sft budget": 3, "raft": 1, "raft budget": 3}
+    assert t["points"]["sft-lr3e-5"]["setting"] == {"lr": 3e-5} and t["points"]["wise-0.5"]["setting"] == {"alpha": 0.5}
+    assert all(p["domain_gain"] is not None and p["drift KL"] is not None for p in t["points"].values())
+    assert t["front"]["drift KL"] and (Path(summary["comparison"]["dir"]) / "tradeoff_curves.png").exists()
