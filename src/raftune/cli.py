@@ -416,7 +416,7 @@ def _csv(text: Optional[str]) -> Optional[tuple[str, ...]]:
 def eval_cmd(
     model: Optional[str] = typer.Option(None, help=f"the model to evaluate: {_MODEL_SPEC} (required, here or in --config)"),
     suite: Optional[str] = typer.Option(None, help="suites, comma-separated (domain,ifeval): domain, ifeval, mmlu, general, "
-                                                   "drift, weights (default: domain)"),
+                                                   "drift, weights, lm-eval (default: domain)"),
     config: Optional[Path] = typer.Option(None, help=_CONFIG_HELP.format(stage="eval")),
     base_model: Optional[str] = typer.Option(None, help="the model before tuning, for drift, weights and pairwise "
                                                         "(default: default)"),
@@ -443,6 +443,21 @@ def eval_cmd(
     general_aggregate: Optional[str] = typer.Option(None, help="combining the judges: mean or majority (default: mean)"),
     templates: Optional[str] = typer.Option(None, help="YAML file overriding judge templates (see `raftune templates`) "
                                                        "(default: the built-in ones)"),
+    lm_eval_task: Optional[list[str]] = typer.Option(None, help="an lm-eval task, group or tag (repeat for several), "
+                                                               "needed by suite lm-eval: one of lm-eval's (arc_easy, "
+                                                               "gsm8k, ...) or of --lm-eval-include-path (default: none)"),
+    lm_eval_num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples in every lm-eval task (default: "
+                                                                 "each task's own)"),
+    lm_eval_limit: Optional[int] = typer.Option(None, help="the first N documents of each lm-eval task (default: all)"),
+    lm_eval_include_path: Optional[str] = typer.Option(None, help="a folder of your own lm-eval task YAMLs. It is code: "
+                                                                  "its prompt templates run unsandboxed; pass only a "
+                                                                  "folder you trust (default: none)"),
+    lm_eval_chat: Optional[bool] = typer.Option(None, "--lm-eval-chat/--no-lm-eval-chat",
+                                                help="apply the chat template to lm-eval's prompts (default: where "
+                                                     "the tokenizer has one)"),
+    lm_eval_trust_code: bool = typer.Option(False, "--lm-eval-trust-code",
+                                            help="run the Python a task folder names (!function outside lm-eval's "
+                                                 "package) and tasks lm-eval marks unsafe (they run model output)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="length cap of generated answers, in tokens (default: 256)"),
     batch_size: Optional[int] = typer.Option(None, help="samples per batch (default: 16)"),
     device: Optional[str] = typer.Option(None, help=_DEVICE_HELP),
@@ -461,6 +476,12 @@ def eval_cmd(
     _stop_at_first_interrupt()
     if model is None and "model" not in _load_flat(config, EvalConfig):
         raise typer.BadParameter("--model is required: 'default', a model folder, a .gguf file, a hub id or a server")
+    lm_eval = {k: v for k, v in dict(tasks=tuple(lm_eval_task) if lm_eval_task else None, num_fewshot=lm_eval_num_fewshot,
+                                     limit=lm_eval_limit, include_path=lm_eval_include_path, chat=lm_eval_chat,
+                                     trust_code=lm_eval_trust_code or None).items() if v is not None}
+    if lm_eval:  # the flags override the config's lm_eval mapping setting by setting
+        in_config = _load_flat(config, EvalConfig).get("lm_eval")
+        lm_eval = {**(in_config if isinstance(in_config, dict) else {}), **lm_eval}
     try:
         cfg = build_config(
             EvalConfig, config, model=model, suites=_csv(suite), base_model=base_model, base_results=base_results,
@@ -470,13 +491,15 @@ def eval_cmd(
             mmlu_shots=mmlu_shots, mmlu_form=mmlu_form, general_data=general_data, general_limit=general_limit,
             general_mode=general_mode, general_aggregate=general_aggregate, templates=templates,
             max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, concurrency=concurrency,
-            timeout_s=timeout_s, api_key_env=api_key_env,
+            timeout_s=timeout_s, api_key_env=api_key_env, lm_eval=lm_eval or None,
         )
         run = evaluate(cfg)
     except (KeyboardInterrupt, *_stage_errors()) as e:
         _stage_ended(e, saved="the answers and judge replies so far are saved")
     results = json.loads((run / "results.json").read_text())
     for suite_name, summary in results["suites"].items():
+        if suite_name == "lm-eval":  # per task, lm-eval's metric names: the numbers, and their stderrs beside them
+            summary = summary.get("metrics", {})
         shown = {k: v for k, v in summary.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
         print(f"{suite_name}: " + ", ".join(
             f"{k} {'n/a' if v is None else f'{v:.4g}' if isinstance(v, float) else v}" for k, v in shown.items()))

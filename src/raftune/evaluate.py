@@ -22,8 +22,12 @@ Each suite is a function of the config and the opened models that returns (summa
   otherwise a tie; identical answers are a tie without asking). Judges are combined per prompt by
   ``general_aggregate``: ``mean``, or ``majority`` (the median score; the outcome most judges gave).
 - drift / weights: judge-free forgetting measures against ``base_model`` (``raftune.forgetting``).
+- lm-eval: any lm-evaluation-harness task by name, or the user's own from a task folder, run through
+  raftune's model class (``raftune.lmeval``, the optional ``lm-eval`` extra); lm-eval's metric names and
+  standard errors per task; its logged samples are the rows.
 - retention (paper Appendix G): score / base score for ifeval prompt_strict, mmlu accuracy and
-  general mean_score (or win_rate, which is 0.5 for the base model against itself).
+  general mean_score (or win_rate, which is 0.5 for the base model against itself), and for every
+  higher-is-better metric of every lm-eval task.
 
 Judge templates are data (``raftune.templates``): ``--templates FILE`` overrides any of them.
 
@@ -77,8 +81,8 @@ from raftune.templates import EVAL_TEMPLATES, load_templates
 
 log = logging.getLogger("raftune.evaluate")
 
-SUITES = ("domain", "ifeval", "mmlu", "general", "drift", "weights")
-LOCAL_SUITES = ("mmlu", "drift", "weights")  # they read logits or weights: no chat server can do them
+SUITES = ("domain", "ifeval", "mmlu", "general", "drift", "weights", "lm-eval")
+LOCAL_SUITES = ("mmlu", "drift", "weights", "lm-eval")  # they read logits or weights: no chat server can do them
 # (suite, metric) pairs whose ratio to the base model's is the retention of Appendix G
 RETENTION_METRICS = (("ifeval", "prompt_strict"), ("mmlu", "accuracy"), ("general", "mean_score"), ("general", "win_rate"))
 
@@ -211,11 +215,17 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def retention(results: dict, base_results: dict) -> dict:
-    """score / base score for each general metric both results hold (None where the base is 0)."""
+    """score / base score for each general metric both results hold (None where the base is 0): those of
+    ``RETENTION_METRICS``, and every higher-is-better lm-eval metric (``lm-eval.<task>/<metric>,<filter>``)."""
+    pairs = list(RETENTION_METRICS)
+    mine, theirs = (results.get("lm-eval") or {}).get("metrics") or {}, (base_results.get("lm-eval") or {}).get("metrics") or {}
+    pairs += [("lm-eval", m) for m in mine if m in theirs]
     out = {}
-    for suite, metric in RETENTION_METRICS:
-        score = (results.get(suite) or {}).get(metric)
-        base = (base_results.get(suite) or {}).get(metric)
+    for suite, metric in pairs:
+        score = ((results.get(suite) or {}).get("metrics") or {}).get(metric) if suite == "lm-eval" else \
+            (results.get(suite) or {}).get(metric)
+        base = ((base_results.get(suite) or {}).get("metrics") or {}).get(metric) if suite == "lm-eval" else \
+            (base_results.get(suite) or {}).get(metric)
         if score is None or base is None:
             continue
         out[f"{suite}.{metric}"] = {"score": score, "base": base, "retention": score / base if base else None}
@@ -223,6 +233,28 @@ def retention(results: dict, base_results: dict) -> dict:
 
 
 # --- config ----------------------------------------------------------------------------------------------
+
+@settings
+class LMEvalSettings:
+    """The ``lm-eval`` suite's settings: ``lm_eval:`` in an eval config (or ``--lm-eval-*`` flags)."""
+
+    tasks: Annotated[CommaList, Field(min_length=1)] = field(
+        metadata={"help": "lm-eval task, group or tag names (lm-eval's, or the include_path folder's)"})
+    num_fewshot: NonNegative | None = field(default=None, metadata={"help": "None: each task's own"})
+    limit: Positive | None = field(default=None, metadata={"help": "the first N documents of each task (None: all)"})
+    include_path: str | None = field(default=None, metadata={"help": "a folder of lm-eval task YAMLs: code you trust"})
+    chat: bool | None = field(default=None, metadata={"help": "apply the chat template (None: where the tokenizer has one)"})
+    fewshot_as_multiturn: bool | None = field(default=None, metadata={"help": "shots as chat turns (None: with chat)"})
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, bool | int | float | str] | str | None = field(default=None, metadata={
+        "help": "overrides of every generative task's settings, as lm-eval's --gen_kwargs (max_gen_toks=64)"})
+    bootstrap_iters: NonNegative = field(default=100_000, metadata={"help": "lm-eval's, for the stderrs it bootstraps"})
+    trust_code: bool = field(default=False, metadata={
+        "help": "run the Python a task folder names (!function outside lm-eval) and tasks lm-eval marks unsafe"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(dict.fromkeys(self.tasks)))
+
 
 @settings
 class EvalConfig:
@@ -252,6 +284,7 @@ class EvalConfig:
     templates: str | None = field(default=None, metadata={"help": "YAML file overriding the judge templates"})
     max_new_tokens: Positive = 256
     seed: int = 0
+    lm_eval: LMEvalSettings | None = field(default=None, metadata={"help": "the lm-eval suite's tasks and settings"})
     # Execution settings: they change how fast, not what (left out of the run hash).
     batch_size: Positive = 16
     device: Device = None
@@ -276,6 +309,8 @@ class EvalConfig:
              f"suites: unknown suite(s) {unknown}; known: {', '.join(SUITES)}"),
             (not remote, f"suite(s) {remote} read the model's logits or weights: pass a local model, not a server"),
         ]
+        checks.append(("lm-eval" not in suites or self.lm_eval is not None,
+                       "suite lm-eval needs lm_eval.tasks (--lm-eval-task)"))
         for suite in suites:
             if suite in needs:
                 checks.append((getattr(self, needs[suite]) is not None,
@@ -286,7 +321,8 @@ class EvalConfig:
 
     def output_settings(self) -> dict:
         skip = {"out_dir", "name", "batch_size", "device", "dtype", "concurrency", "timeout_s", "api_key_env"}
-        d = public_specs({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
+        d = public_specs({k: v for k, v in dataclasses.asdict(self).items() if k not in skip
+                          and not (k == "lm_eval" and v is None)})  # the keys of runs made before the suite stand
         d["templates"] = {n: t.as_dict() for n, t in load_templates(self.templates).items()  # content, not path
                           if n in EVAL_TEMPLATES}
         return json.loads(json.dumps(d))  # tuples as lists: comparable with a results.json read back
@@ -498,6 +534,14 @@ def eval_drift(cfg: EvalConfig, model: Generator, base: Generator, progress: boo
     return result, rows
 
 
+def eval_lm_eval(cfg: EvalConfig, model: Generator, run: Path, progress: bool) -> tuple[dict, list[dict]]:
+    """The lm-eval tasks through raftune's model class (``raftune.lmeval.run_suite``); its requests are logged
+    in the run folder, so a stopped suite resumes request by request."""
+    from raftune.lmeval import run_suite
+
+    return run_suite(cfg.lm_eval, model, run, identity=getattr(model, "identity", None), progress=progress)
+
+
 def eval_weights(model: Generator, base: Generator, run: Path) -> tuple[dict, list[dict]]:
     from raftune.forgetting import plot_weight_distance, weight_distance
 
@@ -541,6 +585,10 @@ def check_suite_data(cfg: EvalConfig) -> None:
         load_mmlu(cfg.mmlu_folder, "test", subjects=subjects, limit_per_subject=1)
     if {"general", "drift"} & set(cfg.suites):
         load_general_prompts(cfg.general_data, limit=cfg.general_limit)
+    if "lm-eval" in cfg.suites:  # lm-eval installed, the task folder allowed, every task name known
+        from raftune.lmeval import check_tasks
+
+        check_tasks(cfg.lm_eval.include_path, cfg.lm_eval.tasks, cfg.lm_eval.trust_code)
 
 
 def eval_inputs(cfg: EvalConfig) -> dict:
@@ -550,10 +598,15 @@ def eval_inputs(cfg: EvalConfig) -> dict:
 
     encoder = str(embedded_encoder_path()) if cfg.encoder == DEFAULT_ENCODER else cfg.encoder
     fp = outputs.model_fingerprint
-    return {"model": fp(cfg.model), "base_model": fp(cfg.base_model), "judges": [fp(j) for j in cfg.judges],
-            "encoder": fp(encoder),
-            "data": {k: outputs.data_fingerprint(getattr(cfg, k)) for k in ("domain_data", "ifeval_data", "mmlu_folder",
-                                                                              "general_data")}}
+    inputs = {"model": fp(cfg.model), "base_model": fp(cfg.base_model), "judges": [fp(j) for j in cfg.judges],
+              "encoder": fp(encoder),
+              "data": {k: outputs.data_fingerprint(getattr(cfg, k)) for k in ("domain_data", "ifeval_data",
+                                                                                "mmlu_folder", "general_data")}}
+    if "lm-eval" in cfg.suites:  # the task folder, the files its tasks read, lm-eval's version (its own tasks)
+        from raftune.lmeval import task_inputs
+
+        inputs["data"]["lm_eval"] = stable_hash(task_inputs(cfg.lm_eval.include_path, cfg.lm_eval.tasks), 32)
+    return inputs
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> Path:
@@ -646,6 +699,8 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
                 summary, rows = eval_general(cfg, model, judges, base, progress)
             elif suite == "drift":
                 summary, rows = eval_drift(cfg, model, base, progress)
+            elif suite == "lm-eval":
+                summary, rows = eval_lm_eval(cfg, model, run, progress)
             else:
                 summary, rows = eval_weights(model, base, run)
         except _SuiteFailed as e:  # not scored on what it has; the other suites still run
@@ -655,7 +710,9 @@ def _evaluate(cfg: EvalConfig, progress: bool, hold: contextlib.ExitStack) -> Pa
             write_results(complete=False)
             continue
         atomic_write_jsonl(run / f"{suite}.jsonl", rows)
-        summaries[suite] = {**summary, "rows_with_special_token_text": _special_text_rows(suite, rows, model)}
+        special = summary.get("rows_with_special_token_text")  # lm-eval counts its own, request by request
+        summaries[suite] = {**summary, "rows_with_special_token_text":
+                            _special_text_rows(suite, rows, model) if special is None else special}
         write_results(complete=False)
     if failed:
         n = sum(f["n_failed"] for f in failed.values())
