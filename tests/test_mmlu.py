@@ -121,6 +121,14 @@ def test_letter_prompt_is_the_original_harness_format():
                                   "elementary mathematics.\n\nWhat is 1 + 1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
 
 
+def test_prompts_strip_the_question_as_lm_eval_does():
+    # hendrycks rows such as nutrition's end their question with a newline: no blank line before "A."
+    loose, shots = q(" What is 1 + 1?\n"), [q("Shot one?\n", ("w", "x", "y", "z"), 2)]
+    assert letter_prompt(loose, shots) == letter_prompt(q(), [SHOTS[0]])
+    assert "?\nA. 1" in letter_prompt(loose) and cloze_prompt(loose, shots) == cloze_prompt(q(), [SHOTS[0]])
+    assert q("x", ("  a ", "b", "c", "d")).choices[0] in letter_prompt(q("x", ("  a ", "b", "c", "d")))  # choices as they are
+
+
 def test_cloze_prompt_answers_shots_with_the_correct_text():
     assert cloze_prompt(q(), SHOTS) == (
         "Question: Shot one?\nAnswer: y\n\nQuestion: Shot two?\nAnswer: p\n\nQuestion: What is 1 + 1?\nAnswer:"

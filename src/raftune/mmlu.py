@@ -8,6 +8,10 @@
 Data: the original hendrycks layout, ``{folder}/{split}/{subject}_{split}.csv`` for split ``dev``,
 ``val`` or ``test``; each CSV has no header and six values a row: question, A, B, C, D, answer letter.
 Few-shot examples are the first k rows of the subject's ``dev`` split, as in the original harness.
+A question enters a prompt stripped of the whitespace around it, as in lm-evaluation-harness's
+``mmlu`` tasks: 963 test questions of the hendrycks files start with a space (648) or end with a
+newline (306, all of ``nutrition``: a blank line before "A.") or a space, which the original harness
+pastes in (docs/lm-eval-agreement.md).
 
 Forms (``predicted`` is the argmax of the four scores; a tie goes to the earliest choice):
 - ``letter``: the original MMLU prompt, which lists the choices, scored by the log-probability of
@@ -162,7 +166,7 @@ def few_shot_examples(folder: str | Path, subject: str, k: int) -> list[MMLUQues
 # --- prompts (pure) --------------------------------------------------------------------------------
 
 def _letter_block(q: MMLUQuestion) -> str:
-    return LETTER_QUESTION.format(question=q.question, **dict(zip(LETTERS, q.choices)))
+    return LETTER_QUESTION.format(question=q.question.strip(), **dict(zip(LETTERS, q.choices)))
 
 
 def letter_prompt(question: MMLUQuestion, shots: Sequence[MMLUQuestion] = ()) -> str:
@@ -174,9 +178,9 @@ def letter_prompt(question: MMLUQuestion, shots: Sequence[MMLUQuestion] = ()) ->
 
 def cloze_prompt(question: MMLUQuestion, shots: Sequence[MMLUQuestion] = ()) -> str:
     """"Question: ..\\nAnswer:", the shots answered by their correct choice's text; no choices listed."""
-    done = "".join(CLOZE_QUESTION.format(question=s.question) + SHOT_END.format(answer=s.choices[s.answer])
+    done = "".join(CLOZE_QUESTION.format(question=s.question.strip()) + SHOT_END.format(answer=s.choices[s.answer])
                    for s in shots)
-    return done + CLOZE_QUESTION.format(question=question.question)
+    return done + CLOZE_QUESTION.format(question=question.question.strip())
 
 
 # --- scoring ---------------------------------------------------------------------------------------
