@@ -682,3 +682,13 @@ def test_no_trade_off_without_domain_losses(tmp_path):
     out = compare(folders, None, tmp_path / "cmp")
     assert "Trade-off" not in out["markdown"] and not any(p.endswith("tradeoff_curves.png") for p in out["plots"])
     assert out["tradeoff"]["points"]["sft"]["domain_gain"] is None and out["tradeoff"]["front"]["drift KL"] == []
+
+
+def test_runs_of_one_curve_at_the_same_point_are_drawn(tmp_path):
+    """Two alphas that gave the same drift and gain (a tiny model barely moves) are two points of one line."""
+    folders = [write(tmp_path, n, results(0.1, 0.4, 0.25, 6, kl=kl)) for n, kl in [("base", 0.0), ("a", 0.01), ("b", 0.01)]]
+    points = {label: {"curve": "wise(sft)", "setting": {"alpha": alpha}, "base_domain_loss": 2.5, "domain_loss": 2.4}
+              for label, alpha in [("a", 0.5), ("b", 0.75)]}
+    out = compare(folders, None, tmp_path / "cmp", points=points)
+    assert str(tmp_path / "cmp" / "tradeoff_curves.png") in out["plots"]
+    assert out["tradeoff"]["front"]["drift KL"] == ["base", "a", "b"]

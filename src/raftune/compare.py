@@ -681,8 +681,9 @@ def plot_tradeoff(t: dict, out_dir: Path) -> Path | None:
     curves = [c for c in t["curves"] if c != "base"]
     for ax, axis in zip(panels[0], axes):
         for i, curve in enumerate(curves):
-            pts = sorted((p[axis], p["domain_gain"], p["setting"]) for label in t["curves"][curve]
-                         if (p := t["points"][label])[axis] is not None and p["domain_gain"] is not None)
+            pts = sorted(((p[axis], p["domain_gain"], p["setting"]) for label in t["curves"][curve]
+                          if (p := t["points"][label])[axis] is not None and p["domain_gain"] is not None),
+                         key=lambda pt: pt[:2])  # equal points keep their order: settings do not compare
             if not pts:
                 continue
             ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", color=f"C{i % 10}", label=curve)
