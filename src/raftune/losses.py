@@ -344,3 +344,97 @@ class EMABalancer:
             raise ValueError(f"saved balancer has decay={d['decay']}, eps={d['eps']}; "
                              f"this one has decay={self.decay}, eps={self.eps}")
         self.step, self.m_ce, self.m_kl = int(d["step"]), float(d["m_ce"]), float(d["m_kl"])
+
+
+# --- the general-behaviour anchor (forgetting budget) ----------------------------------------------
+
+def anchor_kl(student_logits_BTV: Tensor, original_logp_BTV: Tensor, mask_BT: Tensor) -> Tensor:
+    """Per-token KL(p_original || p_student) over the full vocabulary: the anchor term of the forgetting
+    budget, on the original model's own greedy answers to general prompts (``raftune.forgetting``).
+
+    student_logits_BTV (B, T, V) with gradients; original_logp_BTV (B, T, V) the original model's
+    log-probs (log_softmax of its logits, any values where the mask is False); mask_BT (B, T) bool.
+    Its gradient is a cross-entropy against the original's soft labels: sum_v p_orig(v) (-log p_S(v))
+    minus a constant. Returns (B, T) in fp32 (fp64 for fp64 inputs), 0 where the mask is False.
+    """
+    if student_logits_BTV.shape != original_logp_BTV.shape:
+        raise ValueError(f"student logits {tuple(student_logits_BTV.shape)} and original log-probs "
+                         f"{tuple(original_logp_BTV.shape)} differ in shape")
+    mask_BT = _as_mask(mask_BT, tuple(student_logits_BTV.shape[:2]))
+    logp_BTV = _upcast(original_logp_BTV).masked_fill(~mask_BT.unsqueeze(-1), 0.0)  # finite: no NaN in the gradient
+    logq_BTV = torch.log_softmax(_upcast(student_logits_BTV), dim=-1)
+    return _kl(logp_BTV, logq_BTV, "forward").masked_fill(~mask_BT, 0.0)
+
+
+@torch.no_grad()
+def chunked_log_probs(hidden_BTD: Tensor, lm_head: LMHead, chunk: int = 256) -> Tensor:
+    """log_softmax(lm_head(hidden)) in fp32, computed ``chunk`` positions at a time, without gradients:
+    the original model's side of ``anchor_kl``. Returns (B, T, V): call it on the answer positions only."""
+    _, T = _check_hidden(hidden_BTD)
+    return torch.cat([torch.log_softmax(_upcast(lm_head(hidden_BTD[:, s])), dim=-1) for s in _t_slices(T, chunk)], dim=1)
+
+
+def chunked_anchor_kl(hidden_BTD: Tensor, lm_head: LMHead, original_logp_BTV: Tensor, mask_BT: Tensor,
+                      chunk: int = 256) -> Tensor:
+    """`anchor_kl(lm_head(hidden), original_logp, mask)` computed ``chunk`` positions at a time, each chunk
+    checkpointed (the student's logits exist one chunk at a time in the forward and the backward).
+    hidden_BTD (B, T, D) the student's; original_logp_BTV (B, T, V) from `chunked_log_probs`. Returns (B, T)."""
+    _, T = _check_hidden(hidden_BTD, original_logp_BTV, mask_BT)
+
+    def kl_chunk(h_BCD: Tensor, logp_BCV: Tensor, mask_BC: Tensor) -> Tensor:
+        return anchor_kl(lm_head(h_BCD), logp_BCV, mask_BC)
+
+    return torch.cat([_checkpointed(kl_chunk, hidden_BTD[:, s], original_logp_BTV[:, s], mask_BT[:, s])
+                      for s in _t_slices(T, chunk)], dim=1)
+
+
+# --- the forgetting budget's controller ------------------------------------------------------------
+
+class BudgetController:
+    """mu, the anchor's weight, kept by projected dual ascent on the constraint drift <= B.
+
+    At each measurement of the monitored drift d (``raftune.forgetting``) from step ``warmup`` on:
+    log mu <- log mu + rate * clip((d - B) / B, -1, 1), then mu is projected onto [mu_min, mu_max].
+    Over budget mu grows, under it mu shrinks (domain learning gets room back), each measurement by
+    at most a factor e^rate. In log space because the weight that holds a budget spans orders of
+    magnitude across models, methods and budgets: multiplicative steps reach any of them in a few
+    measurements and mu stays > 0. The relative error (d - B) / B makes the rate mean the same for
+    every budget. Before ``warmup`` (and at step 0, where d = 0 by construction) mu stays where it starts.
+    """
+
+    def __init__(self, budget: float, mu: float, rate: float, bounds: tuple[float, float], warmup: int = 0):
+        lo, hi = (float(b) for b in bounds)
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"bounds must be 0 < mu_min <= mu_max < inf, got {bounds!r}")
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+        self.budget, self.rate, self.bounds, self.warmup = float(budget), float(rate), (lo, hi), int(warmup)
+        self.mu = min(max(float(mu), lo), hi)
+        self.updates = 0
+
+    def update(self, drift: float, step: int) -> float:
+        """Fold in the drift measured after ``step`` optimizer steps; returns mu for the steps that follow."""
+        drift = float(drift)
+        if not math.isfinite(drift):
+            raise ValueError(f"drift must be finite, got {drift}")
+        if step < max(self.warmup, 1):
+            return self.mu
+        error = min(max((drift - self.budget) / self.budget, -1.0), 1.0)
+        lo, hi = self.bounds
+        self.mu = min(max(self.mu * math.exp(self.rate * error), lo), hi)
+        self.updates += 1
+        return self.mu
+
+    def state_dict(self) -> dict:
+        """Plain numbers (JSON-serializable); `load_state_dict` resumes exactly."""
+        return {"budget": self.budget, "rate": self.rate, "bounds": list(self.bounds), "warmup": self.warmup,
+                "mu": self.mu, "updates": self.updates}
+
+    def load_state_dict(self, d: dict) -> None:
+        mine = self.state_dict()
+        if any(d.get(k) != mine[k] for k in ("budget", "rate", "bounds", "warmup")):
+            raise ValueError(f"saved controller has budget={d.get('budget')}, rate={d.get('rate')}, bounds={d.get('bounds')}, "
+                             f"warmup={d.get('warmup')}; this one {mine['budget']}, {mine['rate']}, {mine['bounds']}, {mine['warmup']}")
+        self.mu, self.updates = float(d["mu"]), int(d["updates"])

@@ -46,7 +46,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from raftune import losses, outputs
+from raftune import forgetting, losses, outputs
 from raftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from raftune.data import QAExample, load_qa
 from raftune.distributed import (
@@ -97,6 +97,7 @@ class Method:
 
 MethodName = Literal["raft", "sft", "onpolicy", "distill", "talr", "l2sp", "replay"]
 L2SP_ALPHA = 0.01  # chosen, not from a paper: the L2-SP method's alpha when l2sp_alpha is not set
+MONITOR_EVERY, MONITOR_EVERY_BUDGET = 50, 10  # measured: README "Forgetting monitor and budget" (cost)
 
 METHODS = {
     "raft": Method(ce=True, kl=True),
@@ -170,6 +171,31 @@ class TrainConfig:
     teacher_device: Device = None
     teacher_dtype: Dtype = None
     fsdp: bool = field(default=False, metadata={"help": "shard student and teacher over the processes (FSDP2) instead of DDP"})
+    # --- forgetting monitor and budget (raftune.forgetting; README "Forgetting monitor and budget")
+    monitor_data: str | None = field(default=None, metadata={
+        "help": "general prompts whose drift KL(original || student) is measured while training (any file the eval "
+                "suites' general_data reads); null: raftune's built-in set"})
+    monitor_limit: Positive | None = field(default=32, metadata={"help": "prompts read from monitor_data, and from anchor_data"})
+    monitor_every: NonNegative | None = field(default=None, metadata={
+        "help": f"steps between drift measurements (also before the first and after the last step); 0: off; "
+                f"null: {MONITOR_EVERY}, or {MONITOR_EVERY_BUDGET} with a forgetting_budget"})
+    monitor_max_new_tokens: Positive = field(default=128, metadata={
+        "help": "length of the original model's greedy answers to the monitor and anchor prompts"})
+    forgetting_budget: PositiveFloat | None = field(default=None, metadata={
+        "help": "drift KL per token to stay within: a controller adapts the anchor's weight to it, and model/ is the "
+                "measured point with the best held-out domain loss within it; null: off"})
+    anchor_data: str | None = field(default=None, metadata={
+        "help": "general prompts of the anchor, KL(original || student) on the original's answers (disjoint from "
+                "monitor_data); null: the built-in anchor set"})
+    anchor_weight: NonNegativeFloat | None = field(default=None, metadata={
+        "help": "mu, the anchor's weight: fixed without a budget (null or 0: no anchor); with one, where the "
+                "controller starts (null: 1)"})
+    anchor_batch: Positive = field(default=4, metadata={"help": "anchor prompts per step and process (a seeded cycle)"})
+    budget_warmup: NonNegative = field(default=0, metadata={"help": "steps before the controller first adapts mu"})
+    budget_rate: PositiveFloat = field(default=1.0, metadata={
+        "help": "eta: log mu += eta * clip((drift - budget) / budget, -1, 1) at each measurement"})
+    anchor_weight_bounds: tuple[PositiveFloat, PositiveFloat] = field(default=(0.01, 100.0), metadata={
+        "help": "[mu_min, mu_max]: the controller's range for mu"})
     # --- bookkeeping
     save_every: Positive = 50
     keep_checkpoints: Positive = 2
@@ -187,6 +213,9 @@ class TrainConfig:
             (not METHODS[self.method].replay or self.replay_data,
              "method replay needs replay_data (general instruction data, e.g. ../shared/data/alpaca_tiny/alpaca_tiny.json)"),
             (not self.replay_data or METHODS[self.method].ce, "replay_data needs a method with a CE term"),
+            (self.forgetting_budget is None or self.monitor_interval > 0,
+             "forgetting_budget needs the monitor (monitor_every > 0): the controller acts on its measurements"),
+            (self.anchor_weight_bounds[0] <= self.anchor_weight_bounds[1], "anchor_weight_bounds: mu_min > mu_max"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -216,6 +245,18 @@ class TrainConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-5)
 
+    @property
+    def monitor_interval(self) -> int:
+        """Steps between drift measurements (0: no monitor), ``monitor_every`` resolved."""
+        if self.monitor_every is not None:
+            return self.monitor_every
+        return MONITOR_EVERY_BUDGET if self.forgetting_budget is not None else MONITOR_EVERY
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the loss has the anchor term: a budget, or a fixed ``anchor_weight`` > 0."""
+        return self.forgetting_budget is not None or bool(self.anchor_weight)
+
 
 # --- model set-up -----------------------------------------------------------------------------------
 
@@ -224,15 +265,18 @@ def build_models(cfg: TrainConfig, device: torch.device):
     """(student, teacher, tokenizer), both models wrapped in ``TokenLosses``. The teacher is the frozen
     original model: with LoRA and no other ``teacher_model``, None, because it is the student's
     weights with the adapters switched off (no second copy); otherwise a frozen copy, or
-    ``teacher_model`` loaded apart (it must share the student's vocabulary)."""
+    ``teacher_model`` loaded apart (it must share the student's vocabulary). A method without a KL
+    term gets the frozen copy too when the forgetting monitor or anchor is on (they compare the student
+    with the original) and there is no LoRA."""
     from raftune.models import load_model_and_tokenizer, pick_device, pick_dtype
 
     # fp32 master weights; on CUDA the forward runs under bf16 autocast (accelerate's mixed precision)
     model, tok = load_model_and_tokenizer(cfg.model, device=str(device), dtype=cfg.dtype or "fp32")
     model.config.use_cache = False
     teacher = None
-    other_teacher = cfg.teacher_model not in (None, cfg.model)
-    if cfg.spec.kl and (other_teacher or not cfg.lora):
+    other_teacher = cfg.spec.kl and cfg.teacher_model not in (None, cfg.model)
+    # the monitor and the anchor need the original model: without LoRA or a teacher, a frozen copy
+    if other_teacher or not cfg.lora and (cfg.spec.kl or cfg.monitor_interval or cfg.anchored):
         tdev = pick_device(cfg.teacher_device or str(device))
         if other_teacher:
             t_model, t_tok = load_model_and_tokenizer(cfg.teacher_model, device=str(tdev), dtype=cfg.teacher_dtype)
@@ -240,7 +284,9 @@ def build_models(cfg: TrainConfig, device: torch.device):
                 raise ValueError(f"teacher_model {cfg.teacher_model!r} has another vocabulary than {cfg.model!r}: "
                                  "the KL compares their distributions token by token")
         else:
-            t_model = copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype))
+            # the monitor's own copy keeps the student's dtype: its drift at step 0 is then exactly 0
+            t_model = copy.deepcopy(model).to(tdev, pick_dtype(tdev, cfg.teacher_dtype) if cfg.spec.kl or cfg.teacher_dtype
+                                              else model.dtype)
         t_model.config.use_cache = False
         teacher = TokenLosses(t_model.eval().requires_grad_(False))
     if cfg.gradient_checkpointing:  # only training-mode forwards recompute: rollouts (eval mode) keep their KV cache
@@ -271,6 +317,8 @@ class TokenLosses(torch.nn.Module):
 
     what="ce": per-token CE (B, T); "kl": per-token top-K KL on the positions ``pos`` (B, L);
     "topk": the teacher's top-K log-probs and indices at ``pos`` ((B, L, K), (B, L, K));
+    "hidden": the final hidden states (B, T, D); "logprobs": full log-probs at ``pos`` (B, L, V);
+    "anchor": per-token full-vocabulary KL(original || student) at ``pos`` (B, L);
     "rollout": ``sample_trajectories`` of the model. Rollouts go through this forward too, so that a
     sharded (FSDP) or replicated (DDP) model runs them through its own hooks.
     """
@@ -291,6 +339,12 @@ class TokenLosses(torch.nn.Module):
         head = self.lm.get_output_embeddings()
         if pos is not None:
             h = h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, L, D)
+        if what == "hidden":  # the forgetting monitor applies the head itself, a chunk at a time
+            return h
+        if what == "logprobs":  # the original's side of the anchor
+            return losses.chunked_log_probs(h, head, chunk)
+        if what == "anchor":
+            return losses.chunked_anchor_kl(h, head, t_logp, mask, chunk)
         if what == "ce":
             return losses.chunked_token_ce(h, head, labels, mask, chunk)
         if what == "kl":
@@ -369,7 +423,8 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
     made_of = {"settings": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution},
                             "batch_size": cfg.batch_size * acc.num_processes},
                "models": [outputs.model_fingerprint(m) for m in (cfg.model, cfg.teacher_model)],
-               "data": [outputs.data_fingerprint(d) for d in (cfg.data, cfg.eval_data, cfg.replay_data)]}
+               "data": [outputs.data_fingerprint(d) for d in (cfg.data, cfg.eval_data, cfg.replay_data,
+                                                              *forgetting.prompt_sources(cfg).values())]}
     ident = stable_hash(made_of, 10)
     run = Path(cfg.out_dir) / (cfg.name or f"train-{cfg.method}-{ident}")
     what = f"method {cfg.method}, lr {cfg.learning_rate:g}, model {cfg.model}, data {cfg.data}"
@@ -421,19 +476,22 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
     if not fsdp:  # DDP wrapping (nothing on one process); a sharded model is already distributed
         model, optimizer = acc.prepare(model, optimizer)
     balancer = losses.EMABalancer(cfg.ema_decay, cfg.ema_eps)
+    # the monitor, anchor and budget; the original model's answers are made here once per run
+    watch = forgetting.Forgetting(cfg, run, tok, eot, acc, model, teacher)
     state = {"step": 0, "micro": 0, "bad_in_a_row": 0, "truncated_references": 0, "truncated_answers": 0}
 
     # --- resume
     if ckpts := list_checkpoints(run):
         saved = load_checkpoint(run / f"checkpoint-{ckpts[-1]}", acc.unwrap_model(model), optimizer, scheduler, key=ident)
         balancer.load_state_dict(saved.pop("balancer"))
+        watch.load_state_dict(saved.pop("forgetting"))
         state.update({k: v for k, v in saved.items() if k in state})
         log.info("resumed from %s at step %d", run / f"checkpoint-{ckpts[-1]}", state["step"])
 
     def checkpoint():
         if fsdp or acc.is_main_process:  # under FSDP the weights are gathered by every process
             save_checkpoint(run, state["step"], acc.unwrap_model(model), optimizer, scheduler,
-                            {**state, "balancer": balancer.state_dict(), "run_key": ident}, cfg.keep_checkpoints,
+                            {**state, "balancer": balancer.state_dict(), "forgetting": watch.state_dict(), "run_key": ident}, cfg.keep_checkpoints,
                             write=acc.is_main_process)
 
     stop = {"signal": None}
@@ -449,8 +507,10 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
             return domain_loss(model, tok, eval_set, cfg.batch_size, cfg.max_len, eot, cfg.loss_chunk)
         return None
 
-    if state["step"] == 0 and eval_set and (loss := held_out_loss()) is not None and acc.is_main_process:
-        _log(run, writer, {"step": 0, "eval_domain_loss": loss})
+    if state["step"] == 0:  # the model it starts from: its held-out loss, and its drift (0) from the original
+        start = {"eval_domain_loss": held_out_loss()} if eval_set else {}
+        if (start := {**start, **watch.after_step(0, start.get("eval_domain_loss"))}) and acc.is_main_process:
+            _log(run, writer, {"step": 0, **start})
 
     def micro_batches():
         """Every micro-batch of the run in order, from a seeded permutation per epoch; skips what is done."""
@@ -534,6 +594,7 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
                         acc.backward(kl_loss * (spec.kl_lambda if spec.ce else 1.0))
                     kl_sum += float(kl_loss.detach())
                     tokens += n_tok
+            anchor = watch.anchor_backward(state["step"])  # (KL, mu): the general-behaviour anchor, or None
             ce_step, kl_step = _global(acc, ce_sum, mean=True), _global(acc, kl_sum, mean=True)
 
             # --- lambda, then one optimizer step
@@ -553,7 +614,8 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
                     for prm, w0 in zip(params, anchors):
                         delta = (prm.detach() - w0).mul_(2 * spec.l2sp_alpha)
                         prm.grad = delta if prm.grad is None else prm.grad.add_(delta)
-            loss_value = (ce_step if spec.ce else 0.0) + ((lam or 1.0) * kl_step if spec.kl else 0.0) + (l2sp or 0.0)
+            loss_value = (ce_step if spec.ce else 0.0) + ((lam or 1.0) * kl_step if spec.kl else 0.0) + (l2sp or 0.0) \
+                + (anchor[0] * anchor[1] if anchor else 0.0)
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
                 state["bad_in_a_row"] += 1
@@ -587,8 +649,11 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
             if lam is not None:
                 row["lambda"] = lam
                 row["ce_over_lambda_kl"] = ce_step / (lam * kl_step) if lam * kl_step > 0 else None
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and eval_set:
+            if anchor:
+                row["anchor_kl"], row["anchor_weight"] = anchor
+            if eval_set and (cfg.eval_every and state["step"] % cfg.eval_every == 0 or watch.wants_eval(state["step"])):
                 row["eval_domain_loss"] = held_out_loss()
+            row.update(watch.after_step(state["step"], row.get("eval_domain_loss")))  # drift, controller, budget
             if spec.kl and (why := compile_fallback_of(acc.unwrap_model(model).lm)) and why != fallback:
                 fallback = row["rollout_compile_fallback"] = why  # the first step that decoded eagerly
                 if acc.is_main_process:  # beside the settings: this run's rollouts are not compiled
@@ -596,7 +661,8 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
                                                             "rollout_compile_fallback": why})
             if acc.is_main_process:
                 _log(run, writer, row)
-            bar.update(task, advance=1, info=" ".join(f"{k} {row[k]:.3g}" for k in ("ce", "kl", "lambda") if row.get(k) is not None))
+            bar.update(task, advance=1, info=" ".join(f"{k} {v:.3g}" for k, v in (*((k, row.get(k)) for k in ("ce", "kl", "lambda")),
+                                                                              ("drift", watch.last)) if v is not None))
             if state["step"] % cfg.save_every == 0:
                 checkpoint()
 
@@ -607,18 +673,21 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
         raise SystemExit(143)
 
     # --- evaluate, save the model, plot
-    if eval_set and (loss := held_out_loss()) is not None and acc.is_main_process:
-        _log(run, writer, {"step": state["step"], "eval_domain_loss": loss})
+    end = {"eval_domain_loss": held_out_loss()} if eval_set else {}
+    end.update(watch.finish(state["step"], end.get("eval_domain_loss")))  # the last drift, unless measured
+    if (end := {k: v for k, v in end.items() if v is not None}) and acc.is_main_process:
+        _log(run, writer, {"step": state["step"], **end})
     if state["truncated_references"]:
         log.warning("%d teacher references were longer than max_reference_tokens=%d and were cut",
                     state["truncated_references"], cfg.max_reference_tokens)
     checkpoint()
     final = _unsharded(cfg, model, acc) if fsdp else acc.unwrap_model(model)
     if acc.is_main_process:
+        watch.choose(final)  # with a budget: the best point within it (config.json says which and why)
         _save_final(final.lm, tok, run / "model", cfg)
         from raftune.plots import plot_training
 
-        plot_training(run / "metrics.jsonl", run)
+        plot_training(run / "metrics.jsonl", run, budget=cfg.forgetting_budget)
         outputs.mark_complete(run)
     acc.wait_for_everyone()
     return run
