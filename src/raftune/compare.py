@@ -56,6 +56,17 @@ OTHER = [
 ]
 
 
+def lm_eval_columns(runs: dict[str, dict]) -> list:
+    """One general column per higher-is-better lm-eval metric any run reports (its suite's flat ``metrics``,
+    ``task/metric,filter``): tabled, compared with SFT and retained vs base like the fixed ones."""
+    keys = dict.fromkeys(k for r in runs.values() for k in ((_suites(r).get("lm-eval") or {}).get("metrics") or {}))
+    return [(f"lm-eval {k}", ("lm-eval", "metrics", k), True) for k in keys]
+
+
+def _column_suite(column: str) -> str:
+    return COLUMN_SUITE.get(column) or "lm-eval"
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -164,7 +175,7 @@ def _check_result(path: Path, results) -> None:
             fail(key, "an object", value)
     if "complete" in results and not isinstance(results["complete"], bool):
         fail("complete", "true or false", results["complete"])
-    tabled = dict.fromkeys(path[0] for _, path, _ in [DOMAIN, *GENERAL, *OTHER])
+    tabled = dict.fromkeys([*(path[0] for _, path, _ in [DOMAIN, *GENERAL, *OTHER]), "lm-eval"])
     if not tabled.keys() & suites.keys():
         raise CompareError(f"{path}: suites: none of the suites compare tables ({', '.join(tabled)}); "
                            f"found: {', '.join(suites) or 'none'}")
@@ -186,6 +197,13 @@ def _check_result(path: Path, results) -> None:
         if not isinstance(suites[suite], dict):
             fail(f"suites.{suite}", "an object", suites[suite])
         check_metrics(f"suites.{suite}", suites[suite], RANGES[suite], COUNTS[suite])
+    lm_metrics = suites.get("lm-eval", {}).get("metrics") if isinstance(suites.get("lm-eval"), dict) else None
+    if lm_metrics is not None:  # lm-eval's own metrics have no range raftune knows: finite numbers
+        if not isinstance(lm_metrics, dict):
+            fail("suites.lm-eval.metrics", "an object", lm_metrics)
+        for key, value in lm_metrics.items():
+            if value is not None and not _finite(value):
+                fail(f"suites.lm-eval.metrics.{key}", "a finite number", value)
     per_subject = suites.get("mmlu", {}).get("per_subject")  # its counts are read for comparability
     if per_subject is not None:
         if not isinstance(per_subject, dict):
@@ -239,8 +257,9 @@ SUITE_DATA = {
     "mmlu": ("mmlu_folder", ("n", "form", "shots")),
     "general": ("general_data", ("mode", "aggregate", "n", "n_scored", "n_judged")),
     "drift": ("general_data", ("n_tokens",)),
+    "lm-eval": ("lm_eval", ("n_samples", "num_fewshot", "limit", "chat")),  # lm_eval: the tasks' files and lm-eval's version
 }
-RETAINED_SUITES = tuple(dict.fromkeys(path[0] for _, path, _ in GENERAL))  # what retention vs base is computed on
+RETAINED_SUITES = (*dict.fromkeys(path[0] for _, path, _ in GENERAL), "lm-eval")  # what retention vs base is computed on
 COLUMN_SUITE = {name: path[0] for name, path, _ in [DOMAIN, *GENERAL, *OTHER]}
 
 
@@ -300,7 +319,7 @@ def comparability(runs: dict[str, dict]) -> dict:
 
 def _comparable(table: dict, ref: str, label: str, column: str) -> bool:
     """False only where the column's suite is known to differ between ``label`` and ``ref``."""
-    verdict = table.get("comparability", {}).get(ref, {}).get(label, {}).get(COLUMN_SUITE[column])
+    verdict = table.get("comparability", {}).get(ref, {}).get(label, {}).get(_column_suite(column))
     return verdict is None or verdict["comparable"] is not False
 
 
@@ -315,15 +334,17 @@ def build_table(runs: dict[str, dict]) -> dict:
     """{"columns": [...], "rows": {label: {column: value}}, "retention": {label: {column: ratio}},
     "incomplete": {label: [missing suites]} (the runs whose results.json says ``"complete": false``),
     "comparability": see ``comparability``}. A retention whose suite is not comparable with the base's is None."""
-    columns = [c for c in [DOMAIN, *GENERAL, *OTHER] if any(_get(r, c[1]) is not None for r in runs.values())]
+    general = [*GENERAL, *lm_eval_columns(runs)]
+    columns = [c for c in [DOMAIN, *general, *OTHER] if any(_get(r, c[1]) is not None for r in runs.values())]
     rows = {label: {name: _get(r, path) for name, path, _ in columns} for label, r in runs.items()}
-    table = {"columns": [c[0] for c in columns], "rows": rows, "comparability": comparability(runs)}
+    table = {"columns": [c[0] for c in columns], "general_columns": [c[0] for c in general], "rows": rows,
+             "comparability": comparability(runs)}
     base = rows.get("base")
     retention = {}
     if base:
         for label, row in rows.items():
             retention[label] = {name: (_ratio(row[name], base[name]) if _comparable(table, "base", label, name) else None)
-                                for name, _, _ in GENERAL if name in row}
+                                for name in table["general_columns"] if name in row}
     table["retention"] = retention
     table["incomplete"] = {label: _missing_suites(r) for label, r in runs.items() if r.get("complete") is False}
     return table
@@ -371,6 +392,10 @@ def _fmt(v, pct: bool) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.4g}"
 
 
+def _general_names(table: dict) -> list[str]:
+    return table.get("general_columns") or [c for c, _, _ in GENERAL]
+
+
 def to_markdown(table: dict) -> str:
     cols = table["columns"]
     pct = {c: c in ("D-Acc", "IFEval strict", "IFEval loose", "MMLU", "General win rate") for c in cols}
@@ -389,12 +414,12 @@ def to_markdown(table: dict) -> str:
         lines.append(f"| {_shown(label, table)} | " + " | ".join(cells) + " |")
     out = "## Results (Table 1 shape)\n\nPercentages for accuracies; change vs the run labelled `sft` in brackets.\n\n"
     out += "\n".join(lines) + "\n"
-    out += _not_comparable_notes(table, "sft", {COLUMN_SUITE[c] for c in cols})
+    out += _not_comparable_notes(table, "sft", {_column_suite(c) for c in cols})
     for label, missing in table.get("incomplete", {}).items():
         out += (f"\n(incomplete) `{label}`: its evaluation had not finished (`\"complete\": false`); "
                 + (f"missing suite(s): {', '.join(missing)}. " if missing else "")
                 + "Not a final result: rerun its `raftune eval` to finish it.\n")
-    gcols = [c for c, _, _ in GENERAL if any(r.get(c) is not None for r in table["retention"].values())]
+    gcols = [c for c in _general_names(table) if any(r.get(c) is not None for r in table["retention"].values())]
     if gcols:  # retention exists only for general metrics
         out += "\n## Retention vs base (Table 4 shape)\n\n| method | " + " | ".join(gcols) + " |\n"
         out += "|---" * (len(gcols) + 1) + "|\n"
@@ -402,7 +427,7 @@ def to_markdown(table: dict) -> str:
             cells = ["n/c" if not _comparable(table, "base", label, c) else "-" if r.get(c) is None else f"{100 * r[c]:.1f}%"
                      for c in gcols]
             out += f"| {_shown(label, table)} | " + " | ".join(cells) + " |\n"
-        out += _not_comparable_notes(table, "base", {COLUMN_SUITE[c] for c in gcols})
+        out += _not_comparable_notes(table, "base", {_column_suite(c) for c in gcols})
     return out
 
 
@@ -416,7 +441,7 @@ def plot_comparison(table: dict, out_dir: Path, runs_by_label: dict[str, dict] |
     ret = table["retention"]
     labels = dict.fromkeys([*table["rows"], *(runs_by_label or {})])
     color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per run in every plot
-    gcols = [c for c, _, _ in GENERAL if any(r.get(c) is not None for r in ret.values())]
+    gcols = [c for c in _general_names(table) if any(r.get(c) is not None for r in ret.values())]
     if gcols:  # retention bars and the trade-off need general metrics
         fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(gcols) * max(1, len(ret)) / 2, 3.6))
         width = 0.8 / max(1, len(ret))
@@ -547,13 +572,19 @@ def _model_folder(results: dict) -> Path | None:
     return Path(model) if isinstance(model, str) and model and Path(model).is_dir() else None
 
 
-def _domain_losses(results: dict) -> tuple[float | None, float | None]:
-    """(held-out domain loss of the model a training run started from, of the model it saved), from the
-    run's metrics.jsonl: the first and the last ``eval_domain_loss`` (train logs one before and one after)."""
-    model = _model_folder(results)
-    rows = _eval_rows(model.parent / "metrics.jsonl") if model else []
-    losses = [row["eval_domain_loss"] for row in rows]
-    return (losses[0], losses[-1]) if len(losses) >= 2 else (None, None)
+def training_outcome(run: str | Path) -> dict:
+    """``{"base_domain_loss", "domain_loss", "budget_met"}`` of a training run folder: the held-out domain
+    loss of the model it started from (the first ``eval_domain_loss`` of metrics.jsonl) and of the model
+    it saved in ``model/``: the last one, or, where a forgetting budget chose an earlier point, that
+    point's (config.json's ``budget``); ``budget_met`` from there too (None without a budget)."""
+    run = Path(run)
+    losses = [row["eval_domain_loss"] for row in _eval_rows(run / "metrics.jsonl")]
+    budget = (_json_file(run / "config.json") or {}).get("budget")
+    budget = budget if isinstance(budget, dict) else {}
+    saved = budget.get("eval_domain_loss") if budget.get("met") and _finite(budget.get("eval_domain_loss")) else None
+    return {"base_domain_loss": losses[0] if len(losses) >= 2 else None,
+            "domain_loss": saved if saved is not None else losses[-1] if len(losses) >= 2 else None,
+            "budget_met": budget["met"] if isinstance(budget.get("met"), bool) else None}
 
 
 def _eval_rows(path: Path) -> list[dict]:
@@ -571,9 +602,9 @@ def infer_points(runs: dict[str, dict]) -> dict[str, dict]:
     ``raftune run`` knows its entries and passes them): a model a training run saved is one run of the curve
     of its method (with or without a forgetting budget), its settings from the run's config.json; a WiSE-FT
     or FAPM model (its raftune.json) one of ``wise(<label of the model it came from>)``. Its domain losses
-    come from the training run's metrics.jsonl; a post-hoc model has none here (no point drawn)."""
+    come from the training run (``training_outcome``); a post-hoc model has none here (no point drawn)."""
     by_model = {str(m.resolve()): label for label, r in runs.items() if (m := _model_folder(r))}
-    members, losses = {}, {}
+    members, outcomes = {}, {}
     for label, r in runs.items():
         model = _model_folder(r)
         if label == "base" or model is None:
@@ -591,10 +622,8 @@ def infer_points(runs: dict[str, dict]) -> dict[str, dict]:
             settings["lr"] = config.get("learning_rate", config.get("lr"))
             members[label] = {"family": [{k: config.get(k) for k in METHOD_KEYS}, budgeted],
                               "name": config["method"] + (" budget" if budgeted else ""), "settings": settings}
-            losses[label] = _domain_losses(r)
-    return {label: {**g, "base_domain_loss": losses.get(label, (None, None))[0],
-                    "domain_loss": losses.get(label, (None, None))[1]}
-            for label, g in group_curves(members).items()}
+            outcomes[label] = training_outcome(model.parent)
+    return {label: {**g, **outcomes.get(label, {})} for label, g in group_curves(members).items()}
 
 
 def tradeoff(table: dict, runs: dict[str, dict], points: dict[str, dict] | None = None) -> dict:
@@ -602,7 +631,7 @@ def tradeoff(table: dict, runs: dict[str, dict], points: dict[str, dict] | None 
     of the base model minus its own, CE per answer token), its forgetting on each axis (``FORGETTING``: drift
     KL; 1 - IFEval strict retention vs the run labelled ``base``) and whether it is on the Pareto front of
     each axis (with the base at the origin). ``points``: label -> ``{"curve", "setting", "base_domain_loss",
-    "domain_loss"}``, as ``raftune run`` gives them; default ``infer_points``. A value that cannot be had
+    "domain_loss", "budget_met"}``, as ``raftune run`` gives them; default ``infer_points``. A value that cannot be had
     (no drift suite, a suite not comparable with the base's, no domain loss) is None, and no front is
     claimed without it."""
     points = infer_points(runs) if points is None else points
@@ -611,7 +640,7 @@ def tradeoff(table: dict, runs: dict[str, dict], points: dict[str, dict] | None 
     for label, r in runs.items():
         if label == "base":
             out[label] = {"curve": "base", "setting": {}, "base_domain_loss": None, "domain_loss": None,
-                          "domain_gain": 0.0, **dict.fromkeys(FORGETTING, 0.0)}
+                          "budget_met": None, "domain_gain": 0.0, **dict.fromkeys(FORGETTING, 0.0)}
             continue
         p = points.get(label) or {}
         before, after = p.get("base_domain_loss"), p.get("domain_loss")
@@ -624,7 +653,7 @@ def tradeoff(table: dict, runs: dict[str, dict], points: dict[str, dict] | None 
                 drift = None
         kept = table["retention"].get(label, {}).get("IFEval strict")
         out[label] = {"curve": p.get("curve") or label, "setting": p.get("setting") or {}, "base_domain_loss": before,
-                      "domain_loss": after, "domain_gain": gain, "drift KL": drift,
+                      "domain_loss": after, "budget_met": p.get("budget_met"), "domain_gain": gain, "drift KL": drift,
                       "IFEval strict forgetting": 1.0 - kept if kept is not None else None}
     befores = {label: p["base_domain_loss"] for label, p in out.items() if p["domain_gain"] is not None and label != "base"}
     if befores and max(befores.values()) - min(befores.values()) > _BASE_LOSS_RTOL * min(befores.values()):
@@ -661,7 +690,8 @@ def _tradeoff_markdown(t: dict) -> str:
     for label, p in t["points"].items():
         cells = [_fmt(p["domain_gain"], False)] + [_fmt(p[a], a != "drift KL") for a in axes]
         on = [a.removesuffix(" forgetting") for a in axes if p["pareto"].get(a)]
-        out += f"| {label} | {p['curve']} | {format_setting(p['setting'])} | " + " | ".join(cells) + f" | {', '.join(on) or '-'} |\n"
+        setting = format_setting(p["setting"]) + (" (budget not met)" if p["budget_met"] is False else "")
+        out += f"| {label} | {p['curve']} | {setting} | " + " | ".join(cells) + f" | {', '.join(on) or '-'} |\n"
     return out + "".join(f"\nnote: {n}.\n" for n in t["notes"])
 
 
