@@ -139,7 +139,7 @@ BAD_FILES = {  # test id: (results.json content, what the error says after the f
                         'config: expected an object, got "eval.yaml"'),
     "complete-a-string": (json.dumps({**GOOD, "complete": "no"}), 'complete: expected true or false, got "no"'),
     "no-suites": (json.dumps({"suites": {}, "config": {}}),
-                  "suites: none of the suites compare tables (domain, ifeval, mmlu, general, drift, weights)"),
+                  "suites: none of the suites compare tables (domain, ifeval, mmlu, general, drift, weights, lm-eval)"),
     "unknown-suite-only": (json.dumps({"suites": {"humaneval": {"pass@1": 0.3}}, "config": {}}), "found: humaneval"),
     "suite-a-number": (with_suites(domain=0.5), "suites.domain: expected an object, got 0.5"),
     "metric-a-string": (with_suites(domain={"d_acc": "high"}), 'suites.domain.d_acc: expected a number, got "high"'),
