@@ -692,3 +692,22 @@ def test_runs_of_one_curve_at_the_same_point_are_drawn(tmp_path):
     out = compare(folders, None, tmp_path / "cmp", points=points)
     assert str(tmp_path / "cmp" / "tradeoff_curves.png") in out["plots"]
     assert out["tradeoff"]["front"]["drift KL"] == ["base", "a", "b"]
+
+
+def test_a_budgeted_run_gains_what_its_saved_model_holds(tmp_path):
+    """With a forgetting budget, model/ may be an earlier point than the last (config.json's budget says
+    which): its gain is that point's; a run that missed its budget is marked so in the table."""
+    from raftune.compare import training_outcome
+
+    base = write(tmp_path, "base", results(0.1, 0.40, 0.25, 6, kl=0.0))
+    met = _trained(tmp_path, "met", results(0.1, 0.38, 0.25, 6, kl=0.01),
+                   {"method": "sft", "learning_rate": 1e-5, "forgetting_budget": 0.01,
+                    "budget": {"met": True, "step": 1, "eval_domain_loss": 2.3, "drift_kl": 0.009}}, (2.5, 2.1))
+    missed = _trained(tmp_path, "missed", results(0.1, 0.30, 0.25, 6, kl=0.05),
+                      {"method": "sft", "learning_rate": 1e-5, "forgetting_budget": 0.02,
+                       "budget": {"met": False, "step": 2, "why": "not met"}}, (2.5, 2.0))
+    assert training_outcome(tmp_path / "train-met") == {"base_domain_loss": 2.5, "domain_loss": 2.3, "budget_met": True}
+    assert training_outcome(tmp_path / "train-missed")["domain_loss"] == 2.0
+    out = compare([base, met, missed], None, tmp_path / "cmp")
+    assert out["tradeoff"]["points"]["met"]["domain_gain"] == pytest.approx(0.2)
+    assert "| missed | sft budget | forgetting_budget 0.02 (budget not met) |" in out["markdown"]

@@ -36,11 +36,10 @@ answer`` for the "fused data + SFT" ablation).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
-from raftune.compare import SWEPT, compare, group_curves
+from raftune.compare import SWEPT, compare, group_curves, training_outcome
 from raftune.evaluate import EvalConfig, evaluate
 from raftune.files import atomic_write_json
 from raftune.refine import RefineConfig, refine
@@ -217,17 +216,15 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
         else:
             configs[label] = cfg.train_config(entry, refine_dir, sdft_dir, models)
             run = train(configs[label], progress=progress)
-            evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_domain_loss" in r]
-            results["methods"][label] = {"run_dir": str(run), "model": str(run / "model"),
-                                          "base_domain_loss": evals[0]["eval_domain_loss"] if evals else None,
-                                          "domain_loss": evals[-1]["eval_domain_loss"] if evals else None}
+            # the held-out loss of the model saved: with a forgetting budget, maybe an earlier point's
+            results["methods"][label] = {"run_dir": str(run), "model": str(run / "model"), **training_outcome(run)}
             # a run started from an earlier entry's model measured that model first, not the original one
             origin[label] = origin[entry["init_from"]] if "init_from" in entry else results["methods"][label]["base_domain_loss"]
         results["methods"][label].update(curves[label])
         models[label] = results["methods"][label]["model"]
     if cfg.eval is not None:
-        points = {label: {**curves[label], "base_domain_loss": origin[label], "domain_loss": r["domain_loss"]}
-                  for label, r in results["methods"].items()}
+        points = {label: {**curves[label], "base_domain_loss": origin[label], "domain_loss": r["domain_loss"],
+                          "budget_met": r.get("budget_met")} for label, r in results["methods"].items()}
         results["comparison"] = _evaluate_all(cfg, refine_dir, results, points, progress)
     atomic_write_json(refine_dir / "pipeline.json", results)
     return results
