@@ -205,6 +205,7 @@ def test_the_tradeoff_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, monkey
         "refine.device": "cpu", "refine.out_dir": str(tmp_path / "runs"),
         "train.max_steps": 2, "train.batch_size": 3, "train.rollout_max_new_tokens": 4, "train.top_k": 8,
         "train.max_len": 96, "train.max_reference_tokens": 32, "train.eval_limit": 2, "train.device": "cpu",
+        "train.monitor_every": 1, "train.monitor_limit": 3, "train.monitor_max_new_tokens": 4,
         "eval.ifeval_limit": 2, "eval.general_limit": 2, "eval.max_new_tokens": 4, "eval.batch_size": 4,
         "eval.device": "cpu",
     }
@@ -216,8 +217,10 @@ def test_the_tradeoff_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, monkey
     assert list(summary["methods"]) == labels and len(labels) == 13
     for m, r in summary["methods"].items():
         if "budget" in m:
-            budget = json.loads((Path(r["run_dir"]) / "config.json").read_text())["forgetting_budget"]
+            run_cfg = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+            budget = run_cfg["forgetting_budget"]
             assert r["setting"] == {"forgetting_budget": budget} and budget == float(m.rsplit("-", 1)[1])
+            assert r["budget_met"] is run_cfg["budget"]["met"]  # whether the trainer kept it, as it said
     t = json.loads((Path(summary["comparison"]["dir"]) / "comparison.json").read_text())["tradeoff"]
     assert {c: len(runs) for c, runs in t["curves"].items()} == {
         "base": 1, "sft": 3, "wise(sft-lr1e-5)": 3, "sft budget": 3, "raft": 1, "raft budget": 3}
