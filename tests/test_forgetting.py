@@ -109,6 +109,20 @@ def test_batch_size_and_chunk_do_not_change_the_values(base_tok, perturbed):
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=2e-6)
 
 
+def test_the_monitor_s_path_gives_the_drift_suite_s_kl(base_tok, perturbed):
+    """``drift_per_prompt`` is the one computation of both: without the NLLs (the monitor's call) the KL is
+    the same, and only answer positions are scored (an answer's count is its tokens plus end-of-turn)."""
+    from raftune.forgetting import drift_per_prompt, model_scorer, token_mean
+
+    model, tok = base_tok
+    eot = end_of_turn_id(tok, model.generation_config)
+    suite = drift(model, perturbed, tok, PROMPTS, ANSWERS, batch_size=3, chunk=4)
+    rows = drift_per_prompt(model_scorer(model), model_scorer(perturbed.eval()), tok, eot, PROMPTS, ANSWERS,
+                            batch_size=3, chunk=4, nll=False)
+    assert token_mean(rows, "kl") == suite["kl_base_to_tuned"] and "tuned_nll" not in rows[0]
+    assert [r["n_tokens"] for r in rows] == [len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in ANSWERS]
+
+
 def test_drift_restores_training_mode_and_checks_its_inputs(base_tok, perturbed):
     model, tok = base_tok
     perturbed.train()

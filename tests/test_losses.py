@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from raftune.losses import (
+    BudgetController,
     EMABalancer,
+    anchor_kl,
+    chunked_anchor_kl,
+    chunked_log_probs,
     chunked_teacher_topk,
     chunked_token_ce,
     chunked_topk_kl,
@@ -504,3 +508,105 @@ def test_l2sp_penalty_and_its_gradient():
     pen.backward()
     assert torch.allclose(w[0].grad, 2 * (w[0].detach() - w0[0])) and torch.allclose(w[1].grad, torch.tensor([[-1.0]]))
     assert float(l2sp_penalty([t.detach() for t in w0], w0)) == 0.0
+
+
+# --- the anchor (forgetting budget) ----------------------------------------------------------------
+
+def test_anchor_kl_equals_naive_full_vocabulary_kl_div():
+    """KL(p_original || p_student) per token, from the original's log-probs: F.kl_div over the vocabulary."""
+    student, original = randn(3, 5, 11, seed=1), randn(3, 5, 11, seed=2)
+    mask = ragged_mask(3, 5)
+    out = anchor_kl(student, F.log_softmax(original, -1), mask)
+    ref = F.kl_div(F.log_softmax(student, -1), F.log_softmax(original, -1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(out, ref.masked_fill(~mask, 0.0), atol=1e-12)
+    assert torch.allclose(out, full_kl(student, original, mask, temperature=1.0), atol=1e-12)  # the drift suite's per-token KL
+    assert float(anchor_kl(original, F.log_softmax(original, -1), mask).abs().max()) < 1e-12  # identical: 0
+    assert (out >= 0).all()
+
+
+def test_anchor_kl_pinned_value_and_gradient_is_soft_label_ce():
+    # V = 2: p_original = (0.5, 0.5), student logits (0, ln 3): p_student = (0.25, 0.75)
+    student = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.float64, requires_grad=True)
+    logp = torch.log(torch.tensor([[[0.5, 0.5]]], dtype=torch.float64))
+    kl = anchor_kl(student, logp, torch.ones(1, 1, dtype=torch.bool))
+    assert float(kl) == pytest.approx(0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75), rel=1e-12)
+    kl.sum().backward()
+    assert student.grad[0, 0].tolist() == pytest.approx([0.25 - 0.5, 0.75 - 0.5], rel=1e-12)  # p_student - p_original
+    assert torch.autograd.gradcheck(lambda z: anchor_kl(z, F.log_softmax(randn(2, 3, 7, seed=4), -1), ragged_mask(2, 3)),
+                                    (randn(2, 3, 7, seed=3).requires_grad_(),))
+
+
+def test_anchor_kl_masked_positions_give_zero_and_finite_gradients():
+    student = randn(2, 4, 9, seed=5).requires_grad_()
+    logp = torch.full((2, 4, 9), float("-inf"), dtype=torch.float64)  # padding the caller never filled
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    out = anchor_kl(student, logp, mask)
+    out.sum().backward()
+    assert float(out.abs().max()) == 0.0 and torch.isfinite(student.grad).all() and float(student.grad.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_anchor_kl_and_log_probs_equal_unchunked(chunk):
+    h, W = randn(2, 7, 4, seed=6, scale=1.0), randn(13, 4, seed=7, scale=1.0).requires_grad_()
+    W_orig = randn(13, 4, seed=8, scale=1.0)
+    mask = ragged_mask(2, 7, seed=1)
+    logp = chunked_log_probs(h, linear_head(W_orig), chunk)
+    assert torch.allclose(logp, F.log_softmax(h @ W_orig.T, -1), atol=1e-12) and not logp.requires_grad
+    out = chunked_anchor_kl(h, linear_head(W), logp, mask, chunk)
+    ref = anchor_kl(h @ W.T, logp, mask)
+    assert torch.allclose(out, ref, atol=1e-12)
+    (g_out,) = torch.autograd.grad(out.sum(), W)
+    (g_ref,) = torch.autograd.grad(ref.sum(), W)
+    assert torch.allclose(g_out, g_ref, atol=1e-12)
+
+
+# --- the budget's controller -----------------------------------------------------------------------
+
+def controller(**kw):
+    return BudgetController(**{"budget": 0.05, "mu": 1.0, "rate": 0.5, "bounds": (0.01, 100.0), "warmup": 0, **kw})
+
+
+def test_controller_raises_mu_over_budget_and_lowers_it_under():
+    c = controller()
+    over = [c.update(d, step) for step, d in enumerate([0.1, 0.08, 0.06], start=1)]  # drift above B = 0.05
+    assert over[0] > 1.0 and over[0] < over[1] < over[2]
+    assert over[0] == pytest.approx(math.exp(0.5 * 1.0), rel=1e-12)  # (0.1 - 0.05) / 0.05 = 1
+    assert over[2] / over[1] == pytest.approx(math.exp(0.5 * 0.2), rel=1e-12)  # (0.06 - 0.05) / 0.05 = 0.2
+    under = [c.update(d, step) for step, d in enumerate([0.04, 0.02, 0.0], start=4)]
+    assert over[2] > under[0] > under[1] > under[2]
+    assert under[2] / under[1] == pytest.approx(math.exp(-0.5), rel=1e-12)  # (0 - 0.05) / 0.05 = -1
+    assert c.update(0.05, 7) == pytest.approx(under[2], rel=1e-12)  # on budget: no change
+
+
+def test_controller_stays_within_its_bounds_and_each_step_is_bounded():
+    c = controller(bounds=(0.1, 10.0), rate=1.0)
+    seen = [c.update(1e6, step) for step in range(1, 20)]  # far over budget: clipped error 1 per measurement
+    assert seen[0] == pytest.approx(math.e, rel=1e-12) and max(seen) == 10.0 and seen[-1] == 10.0
+    seen = [c.update(0.0, step) for step in range(20, 40)]
+    assert min(seen) == pytest.approx(0.1) and seen[-1] == pytest.approx(0.1)
+    assert all(0.1 <= mu <= 10.0 for mu in seen)
+    assert controller(mu=1e9, bounds=(0.1, 10.0)).mu == 10.0  # the start is projected too
+
+
+def test_controller_holds_mu_during_warmup_and_at_step_0():
+    c = controller(warmup=5)
+    assert [c.update(1.0, step) for step in (0, 1, 4)] == [1.0, 1.0, 1.0] and c.updates == 0
+    assert c.update(1.0, 5) > 1.0 and c.updates == 1
+    assert controller().update(0.0, 0) == 1.0  # step 0: drift 0 by construction says nothing
+
+
+def test_controller_state_dict_resumes_exactly_and_checks_its_settings():
+    drifts = [0.09, 0.07, 0.03, 0.06, 0.05, 0.01]
+    a = controller()
+    for step, d in enumerate(drifts[:3], start=1):
+        a.update(d, step)
+    b = controller()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [a.update(d, s) for s, d in enumerate(drifts[3:], start=4)] == [b.update(d, s) for s, d in enumerate(drifts[3:], start=4)]
+    with pytest.raises(ValueError, match="saved controller has budget=0.05"):
+        controller(budget=0.1).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="drift must be finite"):
+        a.update(float("nan"), 9)
+    for bad in ({"budget": 0.0}, {"rate": -1.0}, {"bounds": (1.0, 0.5)}, {"bounds": (0.0, 1.0)}):
+        with pytest.raises(ValueError):
+            controller(**bad)

@@ -216,10 +216,11 @@ def _cli(tmp_path, model, name, extra=()):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, sig):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    straight = subprocess.run(_cli(tmp_path, tiny_model_dir, "straight", ["--lora"]), env=env, capture_output=True, text=True)
+    lora = ["--lora", "--set", "monitor_every=2", "--set", "monitor_limit=8", "--set", "monitor_max_new_tokens=16"]
+    straight = subprocess.run(_cli(tmp_path, tiny_model_dir, "straight", lora), env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    cmd = _cli(tmp_path, tiny_model_dir, "interrupted", ["--lora"])
+    cmd = _cli(tmp_path, tiny_model_dir, "interrupted", lora)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run = tmp_path / "runs" / "interrupted"
     deadline = time.time() + 300
@@ -240,6 +241,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     steps = [r["step"] for r in metrics(run) if "lr" in r]
     assert steps[-1] == 8 and set(steps) == set(range(1, 9))
+    # the monitor of the resumed run logs what the uninterrupted one did (a step logged twice, the same both times)
+    drift = {n: [(r["step"], r["drift_kl"]) for r in metrics(tmp_path / "runs" / n) if "drift_kl" in r] for n in ("straight", "interrupted")}
+    assert dict(drift["interrupted"]) == dict(drift["straight"]) and sorted(dict(drift["straight"])) == [0, 2, 4, 6, 8]
+    assert len(set(drift["interrupted"])) == len(dict(drift["interrupted"]))
 
 
 FSDP = ["--set", "fsdp=true"]
@@ -269,6 +274,10 @@ def test_two_data_parallel_processes_equal_one(tmp_path, tiny_model_dir, method,
     for k in a:  # the all-reduce sums in another order; Adam's first steps magnify rounding of tiny gradients
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert metrics(tmp_path / "runs" / "ddp")[-1]["ce"] == pytest.approx(metrics(tmp_path / "runs" / "one")[-1]["ce"], rel=1e-5)
+    # the forgetting monitor (on by default: before the first step and after the last) agrees across processes
+    drift = [{r["step"]: r["drift_kl"] for r in metrics(tmp_path / "runs" / n) if "drift_kl" in r} for n in ("ddp", "one")]
+    assert sorted(drift[0]) == [0, 2] and drift[0][0] == drift[1][0] == 0.0
+    assert drift[0][2] > 0 and drift[0][2] == pytest.approx(drift[1][2], rel=1e-3)
 
 
 def test_fsdp_run_stopped_by_sigterm_resumes_on_one_process(tmp_path, tiny_model_dir):

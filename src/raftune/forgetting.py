@@ -286,6 +286,7 @@ class Forgetting:
         self.cfg, self.run, self.tok, self.eot, self.acc, self.model, self.teacher = cfg, run, tok, eot, acc, model, teacher
         self.every = cfg.monitor_interval
         self.lm = acc.unwrap_model(model).lm
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # as the optimizer holds them (sharded)
         if teacher is None and (self.every or cfg.anchored) and not hasattr(self.lm, "disable_adapter"):
             raise AssertionError("no original model in memory: build_models makes a frozen copy for the monitor")
         self.controller = None if cfg.forgetting_budget is None else BudgetController(
@@ -309,6 +310,22 @@ class Forgetting:
     def _original_off(self):
         """The context in which the original model runs: the adapters off where it is the student itself."""
         return self.lm.disable_adapter() if self.teacher is None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _gathered(self, *modules):
+        """``distributed.gathered`` for each module, then the trainable parameters trainable again: peft's
+        ``disable_adapter`` switches requires_grad off and on on the parameters registered at the time,
+        which inside a gathered FSDP2 block are the unsharded ones, not those the optimizer holds."""
+        from raftune.distributed import gathered
+
+        try:
+            with contextlib.ExitStack() as stack:
+                for m in dict.fromkeys(modules):
+                    stack.enter_context(gathered(m))
+                yield
+        finally:
+            for p in self.trainable:
+                p.requires_grad_(True)
 
     def _answers(self, kind: str, source: str, prompts: list[str]) -> list[tuple[str, str]]:
         """The original model's greedy answers to ``prompts``: the run folder's ``<kind>_answers.json``
@@ -351,7 +368,6 @@ class Forgetting:
         """Greedy answers of the original model through the decode engine (the rollouts' path), 16 at a time."""
         import time
 
-        from raftune.distributed import gathered
         from raftune.models import context_length, eval_mode
         from raftune.rollout import RolloutConfig
 
@@ -367,7 +383,7 @@ class Forgetting:
                              f"model's context of {context} (first: {long[0][:60]!r}): shorten them or lower "
                              "monitor_max_new_tokens")
         answers = []
-        with gathered(module), torch.no_grad(), self._original_off(), eval_mode(module):
+        with self._gathered(module), torch.no_grad(), self._original_off(), eval_mode(module):
             for s in range(0, len(ids), 16):
                 traj_BL, mask_BL = module("rollout", ids[s : s + 16], greedy, self.tok.pad_token_id,
                                           {self.eot, self.tok.eos_token_id})
@@ -398,12 +414,11 @@ class Forgetting:
     def measure(self) -> float:
         """The student's drift now: the token mean of KL(original || student) on the monitor's answers,
         computed by every process (a sharded model needs them all) and averaged, so all agree on it."""
-        from raftune.distributed import gathered
         from raftune.models import eval_mode
 
         original = self.teacher if self.teacher is not None else self.model
         prompts, answers = [p for p, _ in self.monitor], [a for _, a in self.monitor]
-        with gathered(self.model), gathered(original), eval_mode(self.model):
+        with self._gathered(self.model, original), eval_mode(self.model):
             rows = drift_per_prompt(self._scorer(original, original=True), self._scorer(self.model, original=False),
                                     self.tok, self.eot, prompts, answers, batch_size=MONITOR_BATCH, chunk=MONITOR_CHUNK,
                                     nll=False)
@@ -422,35 +437,31 @@ class Forgetting:
 
         return broadcast_object_list([value], from_process=0)[0]
 
-    def due(self, step: int) -> bool:
-        """Whether the drift is measured after ``step`` optimizer steps."""
-        return bool(self.every) and step % self.every == 0
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether the drift is measured after ``step`` optimizer steps (``last``: the run's last step)."""
+        return bool(self.every) and (step % self.every == 0 or last)
 
-    def wants_eval(self, step: int) -> bool:
+    def wants_eval(self, step: int, last: bool = False) -> bool:
         """With a budget, every measured point needs its held-out domain loss."""
-        return self.controller is not None and self.due(step)
+        return self.controller is not None and self.due(step, last)
 
-    def after_step(self, step: int, eval_loss: float | None, final: bool = False) -> dict:
-        """At a monitor step (step 0 and the end included): the drift measured and, with a budget, the
+    def after_step(self, step: int, eval_loss: float | None, last: bool = False) -> dict:
+        """At a monitor step (step 0 and the last included): the drift measured and, with a budget, the
         controller and the budget's choice updated. Returns the metrics to log."""
         import time
 
-        if not (self.due(step) or (final and self.every)):
+        if not self.due(step, last):
             return {}
         t0 = time.perf_counter()
         row = {"drift_kl": self.measure()}
         self.last = row["drift_kl"]
         if self.controller is not None:
             self.controller.update(row["drift_kl"], step)
-            self._consider({"step": step, "drift_kl": row["drift_kl"], "eval_domain_loss": self._from_main(eval_loss)}, final)
+            self._consider({"step": step, "drift_kl": row["drift_kl"], "eval_domain_loss": self._from_main(eval_loss)}, last)
         row["monitor_s"] = round(time.perf_counter() - t0, 3)
         if step == 0 and self.answers_s:
             row["monitor_answers_s"] = round(self.answers_s, 3)
         return row
-
-    def finish(self, step: int, eval_loss: float | None) -> dict:
-        """The last point, unless the loop measured it already."""
-        return {} if self.due(step) else self.after_step(step, eval_loss, final=True)
 
     # --- the anchor
 
@@ -485,7 +496,7 @@ class Forgetting:
 
     # --- the budget's choice of what model/ holds
 
-    def _consider(self, point: dict, final: bool) -> None:
+    def _consider(self, point: dict, last: bool) -> None:
         """Record a measured point; one within the budget with the best held-out loss so far (the latest,
         without eval_data) has its trainable weights kept aside, out of the checkpoints' rotation."""
         self.points.append(point)
@@ -495,7 +506,7 @@ class Forgetting:
         if best is not None and loss is not None and best["eval_domain_loss"] is not None and loss >= best["eval_domain_loss"]:
             return
         self.best = point
-        if not final:  # the final weights are the model's own at the end
+        if not last:  # the last step's weights are the model's own at the end
             self._keep_aside(point)
 
     def _keep_aside(self, point: dict) -> None:

@@ -651,9 +651,10 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
                 row["ce_over_lambda_kl"] = ce_step / (lam * kl_step) if lam * kl_step > 0 else None
             if anchor:
                 row["anchor_kl"], row["anchor_weight"] = anchor
-            if eval_set and (cfg.eval_every and state["step"] % cfg.eval_every == 0 or watch.wants_eval(state["step"])):
+            last = state["step"] == total_steps  # the monitor measures after the last step too
+            if eval_set and (cfg.eval_every and state["step"] % cfg.eval_every == 0 or watch.wants_eval(state["step"], last)):
                 row["eval_domain_loss"] = held_out_loss()
-            row.update(watch.after_step(state["step"], row.get("eval_domain_loss")))  # drift, controller, budget
+            row.update(watch.after_step(state["step"], row.get("eval_domain_loss"), last))  # drift, controller, budget
             if spec.kl and (why := compile_fallback_of(acc.unwrap_model(model).lm)) and why != fallback:
                 fallback = row["rollout_compile_fallback"] = why  # the first step that decoded eagerly
                 if acc.is_main_process:  # beside the settings: this run's rollouts are not compiled
@@ -673,10 +674,8 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
         raise SystemExit(143)
 
     # --- evaluate, save the model, plot
-    end = {"eval_domain_loss": held_out_loss()} if eval_set else {}
-    end.update(watch.finish(state["step"], end.get("eval_domain_loss")))  # the last drift, unless measured
-    if (end := {k: v for k, v in end.items() if v is not None}) and acc.is_main_process:
-        _log(run, writer, {"step": state["step"], **end})
+    if eval_set and (loss := held_out_loss()) is not None and acc.is_main_process:
+        _log(run, writer, {"step": state["step"], "eval_domain_loss": loss})
     if state["truncated_references"]:
         log.warning("%d teacher references were longer than max_reference_tokens=%d and were cut",
                     state["truncated_references"], cfg.max_reference_tokens)
