@@ -369,6 +369,13 @@ def test_eval_flags_and_the_lm_eval_mapping(tiny_model_dir, tasks, tmp_path):
     result = runner.invoke(app, ["eval", "--config", str(config)])
     unboxed = re.sub(r"[│╭╮╰╯─\s]+", "", result.output)  # rich's error box wraps long paths
     assert result.exit_code == 2 and re.sub(r"\s+", "", f"{config}:5: setting lm_eval.limit: must be >= 1") in unboxed
+    from raftune.pipeline import RunConfig  # `raftune run`: the eval section takes the same mapping
+    run_cfg = RunConfig.from_dict({"refine": {"data": "demo"}, "eval": {"suites": ["lm-eval"],
+                                                                        "lm_eval": {"tasks": [names[1]], "limit": 5}}})
+    assert run_cfg.eval_config(tmp_path / "refine-x", "base", "default").lm_eval.limit == 5
+    with pytest.raises(ValueError, match="setting eval.lm_eval.limit: must be >= 1"):
+        RunConfig.from_dict({"refine": {"data": "demo"}, "eval": {"suites": ["lm-eval"],
+                                                                  "lm_eval": {"tasks": [names[1]], "limit": 0}}})
     with pytest.raises(ValueError, match="suite lm-eval needs lm_eval.tasks"):
         EvalConfig(model="default", suites=("lm-eval",))
     with pytest.raises(ValueError, match="read the model's logits"):

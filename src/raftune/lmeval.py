@@ -524,10 +524,13 @@ _MANAGERS: dict[tuple, object] = {}
 
 def task_manager(include_path: str | None, tasks: Sequence[str]):
     """lm-eval's ``TaskManager``: over ``include_path`` alone when it defines every task asked for (lm-eval's
-    own index of thousands of YAMLs takes seconds to build), else over both. One per process and folder."""
+    own index of thousands of YAMLs takes seconds to build), else over both. One per process and folder content."""
     from lm_eval.tasks import TaskManager
 
-    key = (str(Path(include_path).resolve()) if include_path else None, tuple(tasks))
+    from raftune.outputs import data_fingerprint
+
+    key = (str(Path(include_path).resolve()), data_fingerprint(include_path)) if include_path else None
+    key = (key, tuple(tasks))
     if key not in _MANAGERS:
         manager = None
         if include_path:
