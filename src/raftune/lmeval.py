@@ -114,9 +114,11 @@ class RequestLog:
             self.entries = {r["key"]: r["value"] for r in read_jsonl_log(self.path)}
 
     def key(self, kind: str, args) -> str:
+        """The log key of one request of ``kind`` with lm-eval's ``args``."""
         return stable_hash([self.identity, kind, list(args)], 32)
 
     def add(self, entries: dict[str, object]) -> None:
+        """Log ``entries`` (key -> answer) in one fsynced append."""
         if self.path is not None:
             append_jsonl(self.path, [{"key": k, "value": v} for k, v in entries.items()])
         self.entries.update(entries)
@@ -186,33 +188,41 @@ class RaftuneLM(TemplateLM):
 
     # --- what lm-eval reads ---------------------------------------------------------------------------
 
+    # lm-eval's interface, valued as its hf backend values them
     @property
     def eot_token_id(self) -> int:
+        """The end-of-text token: the tokenizer's EOS."""
         return self.tokenizer.eos_token_id
 
     @property
     def prefix_token_id(self) -> int:
+        """What an empty context and the first rolling window condition on: BOS, else EOS."""
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.tokenizer.eos_token_id
 
     @property
     def max_length(self) -> int:
+        """Positions per forward: the model's context, unless ``max_length`` was given."""
         return self._max_length
 
     @property
     def max_gen_toks(self) -> int:
+        """New tokens for a generative task that sets no ``max_gen_toks``."""
         return self._max_gen_toks
 
     @property
     def batch_size(self) -> int:
+        """Rows per forward and per engine call."""
         return self._batch_size
 
     @property
     def device(self):
+        """Where the model's weights are."""
         return next(self.model.parameters()).device
 
     @property
     def tokenizer_name(self) -> str:
+        """The tokenizer's name, as lm-eval keys its caches."""
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def get_model_info(self) -> dict:
@@ -250,6 +260,7 @@ class RaftuneLM(TemplateLM):
         return self._encode(string, self._is_chat(string), add_special_tokens)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        """Text of ``tokens``, special tokens left out (as the hf backend decodes generations)."""
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
