@@ -452,9 +452,9 @@ def eval_cmd(
     lm_eval_include_path: Optional[str] = typer.Option(None, help="a folder of your own lm-eval task YAMLs. It is code: "
                                                                   "its prompt templates run unsandboxed; pass only a "
                                                                   "folder you trust (default: none)"),
-    lm_eval_chat: Optional[bool] = typer.Option(None, "--lm-eval-chat/--no-lm-eval-chat",
-                                                help="apply the chat template to lm-eval's prompts (default: where "
-                                                     "the tokenizer has one)"),
+    lm_eval_chat: bool = typer.Option(False, "--lm-eval-chat", help="apply the chat template to lm-eval's prompts "
+                                                                    "(default: where the tokenizer has one)"),
+    no_lm_eval_chat: bool = typer.Option(False, "--no-lm-eval-chat", help="plain prompts, no chat template"),
     lm_eval_trust_code: bool = typer.Option(False, "--lm-eval-trust-code",
                                             help="run the Python a task folder names (!function outside lm-eval's "
                                                  "package) and tasks lm-eval marks unsafe (they run model output)"),
@@ -476,8 +476,11 @@ def eval_cmd(
     _stop_at_first_interrupt()
     if model is None and "model" not in _load_flat(config, EvalConfig):
         raise typer.BadParameter("--model is required: 'default', a model folder, a .gguf file, a hub id or a server")
+    if lm_eval_chat and no_lm_eval_chat:
+        raise typer.BadParameter("--lm-eval-chat and --no-lm-eval-chat: pass one of them")
     lm_eval = {k: v for k, v in dict(tasks=tuple(lm_eval_task) if lm_eval_task else None, num_fewshot=lm_eval_num_fewshot,
-                                     limit=lm_eval_limit, include_path=lm_eval_include_path, chat=lm_eval_chat,
+                                     limit=lm_eval_limit, include_path=lm_eval_include_path,
+                                     chat=True if lm_eval_chat else False if no_lm_eval_chat else None,
                                      trust_code=lm_eval_trust_code or None).items() if v is not None}
     if lm_eval:  # the flags override the config's lm_eval mapping setting by setting
         in_config = _load_flat(config, EvalConfig).get("lm_eval")
