@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raftune.generation import engine as engine_module
-from raftune.generation.engine import DecodeEngine, end_mask, pick_tokens
+from raftune.generation.engine import DecodeEngine, end_mask, first_stop_is_final, pick_tokens
 from raftune.models import load_model_and_tokenizer
 
 QUESTIONS = ["Hi", "A much longer question that needs many more tokens than the first one, does it not?",
@@ -229,3 +229,127 @@ def test_pick_tokens_greedy_and_nucleus():
 def test_end_mask_keeps_the_first_end_token():
     tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [9, 9, 9, 3]])
     assert end_mask(tokens, {2, 3}).tolist() == [[True, True, False, False], [True] * 4, [True] * 4]
+
+
+# --- stop strings ----------------------------------------------------------------------------------------
+
+CONTEXTS = ["The capital of France is", "List three fruits:", "Once upon a time", "Question: what is 2+2?\nAnswer:"]
+NEVER = "\x00never produced"
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_model_dir):
+    """The tiny model with larger random weights: its greedy text varies from token to token (the default
+    init repeats one token), partial UTF-8 characters included."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raftune.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir, initializer_range=0.3)).eval()
+    return model, load_tokenizer(str(tiny_model_dir))
+
+
+def cut(text: str, stops) -> str:
+    """The text before its first stop string (lm-eval's cut)."""
+    return text[:min((text.find(s) for s in stops if s and s in text), default=len(text))]
+
+
+def texts(gen, tok) -> list[str]:
+    return [tok.decode(row[:n]) for row, n in zip(gen.tokens_BN.tolist(), gen.lengths_B.tolist())]
+
+
+def spanning_stops(gen, tok, starts) -> list[str]:
+    """For row i, a 4-character stop string across the boundary of two of its tokens, at its first
+    occurrence in the row's text, at or after token ``starts[i]``: rows stop at different steps."""
+    stops = []
+    for i, start in enumerate(starts):
+        row = gen.tokens_BN[i].tolist()
+        full = tok.decode(row)
+        for j in range(start, len(row) - 1):
+            head = tok.decode(row[:j + 1])
+            k = len(head)
+            if full.startswith(head) and "\ufffd" not in full[k - 2:k + 2] and full.find(full[k - 2:k + 2]) == k - 2 \
+                    and len(tok.decode(row[j:j + 1])) >= 2 and len(tok.decode(row[j + 1:j + 2])) >= 2:
+                stops.append(full[k - 2:k + 2])
+                break
+    assert len(stops) == len(starts)
+    return stops
+
+
+def test_stop_strings_end_rows_early_and_the_cut_text_is_unchanged(varied):
+    """Greedy rows stopped on stop strings (each spanning two tokens, met at different steps, one inside a
+    longer one) give, cut at the first stop string, the text of decoding to the end cut there, with fewer
+    decode steps; the rows are marked stopped, their mask covers what they made and pads follow; a stop
+    string never produced changes nothing. The same with the host checking only every 4 steps (CUDA's)."""
+    model, tok = varied
+    prompts = [tok.encode(c) for c in CONTEXTS]
+    eos = {tok.eos_token_id}
+    engine = DecodeEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, compile="off")
+    N = 48
+    free = engine.generate(prompts, N)
+    free_steps = engine.stats["decode_steps"]
+    assert not free.stopped_B.any()  # the random model never ends a row: every stop below is a stop string's
+    stops = spanning_stops(free, tok, [2, 10, 18, 26])
+    # a longer stop string that begins before row 0's and ends tokens later: the text is cut at it, which a
+    # row stopped as soon as its first stop string shows would miss
+    row0 = tok.decode(free.tokens_BN[0].tolist())
+    at = row0.find(stops[0])
+    longer = row0[at - 2:at + len(stops[0]) + 8]
+    stops += [longer, NEVER]
+    assert cut(texts(free, tok)[0], stops) == row0[:at - 2]
+
+    for sync_every in (None, 4):
+        engine = DecodeEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, compile="off", sync_every=sync_every)
+        gen = engine.generate(prompts, N, stop=stops, decode=tok.decode)
+        assert [cut(t, stops) for t in texts(gen, tok)] == [cut(t, stops) for t in texts(free, tok)]
+        assert all(cut(t, stops) != t for t in texts(gen, tok))  # every row holds a stop string
+        assert engine.stats["decode_steps"] < free_steps - 8
+        assert gen.stopped_B.all() and gen.on_stop_B.all()
+        made = gen.mask_BN.sum(dim=1)
+        assert gen.lengths_B.tolist() == made.tolist() and len(set(made.tolist())) == len(prompts)
+        assert int(made.max()) - 1 == engine.stats["decode_steps"]  # the loop ends with the last row's stop
+        for row, ref, n in zip(gen.tokens_BN, free.tokens_BN, made.tolist()):
+            assert torch.equal(row[:n], ref[:n]) and (row[n:] == tok.pad_token_id).all()
+
+    engine = DecodeEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, compile="off")
+    never = engine.generate(prompts, N, stop=[NEVER, ""], decode=tok.decode)  # "" is no stop string (lm-eval's seq2seq eos)
+    assert torch.equal(never.tokens_BN, free.tokens_BN) and torch.equal(never.mask_BN, free.mask_BN)
+    assert not never.stopped_B.any() and not never.on_stop_B.any() and engine.stats["decode_steps"] == free_steps
+    with pytest.raises(ValueError, match="stop strings need decode"):
+        engine.generate(prompts, N, stop=stops)
+
+
+def test_stop_strings_on_the_compiled_step(varied):
+    """The compiled step (as in the test above: dynamo + AOT autograd on the CPU), a bucket of 8 rows for 4
+    prompts: the host marks rows done between calls of the compiled step, and the cut texts are the eager ones."""
+    import torch._dynamo
+
+    model, tok = varied
+    torch._dynamo.reset()
+    prompts = [tok.encode(c) for c in CONTEXTS]
+    eos = {tok.eos_token_id}
+    eager = DecodeEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, compile="off")
+    free = eager.generate(prompts, 40)
+    stops = spanning_stops(free, tok, [2, 8, 14, 20])
+    compiled = DecodeEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, compile="default", backend="aot_eager")
+    gen = compiled.generate(prompts, 40, batch_bucket=8, stop=stops, decode=tok.decode)
+    assert compiled.compile_fallback is None and compiled.stats["compiled_shapes"]
+    assert [cut(t, stops) for t in texts(gen, tok)] == [cut(t, stops) for t in texts(free, tok)]
+    assert gen.on_stop_B.all() and compiled.stats["decode_steps"] < eager.stats["decode_steps"]
+
+
+def test_a_stop_string_is_final_once_no_continuation_can_move_it():
+    """The first occurrence counts once the text runs the longest stop string plus the lookahead past it:
+    before that, a longer stop string begun earlier could still complete (cutting sooner), and a trailing
+    U+FFFD (a character whose bytes are not all made) is no text yet."""
+    look = engine_module.STOP_LOOKAHEAD
+    assert not first_stop_is_final("no stop here at all", ["Question:"])
+    assert not first_stop_is_final("a Question:" + "x" * (look - 1), ["Question:"])
+    assert first_stop_is_final("a Question:" + "x" * look, ["Question:"])
+    stops = ["ab", "xaby"]
+    assert cut("xab", stops) == "x" and cut("xaby", stops) == ""  # why "ab" alone cannot end "xab" yet
+    assert not first_stop_is_final("xab" + "z" * (look + 1), stops)
+    assert first_stop_is_final("xab" + "z" * (look + 2), stops)  # "xaby" can no longer start before "ab"
+    assert not first_stop_is_final("Q:" + "ab" + "\ufffd" * 4, ["Q:"]) and first_stop_is_final("Q:abcd", ["Q:"])
+    assert first_stop_is_final("abcdefgh", ["", "a"]) and not first_stop_is_final("abcdefgh", [""])

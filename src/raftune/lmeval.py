@@ -14,8 +14,9 @@ be imported before its CLI parses ``--model``; every other flag is lm-eval's.
   settings, sorted by prompt length (longest first) and run ``batch_size`` at a time (on CUDA the engine
   buckets batch and cache length, so its compiled graphs are reused); greedy, or sampled with the
   request's ``temperature`` and ``top_p``; at most ``max_gen_toks`` new tokens; decoding ends at the
-  model's end-of-turn token, and the text is cut at the first of the request's ``until`` strings (the
-  end-of-text token's string included, as lm-eval's ``hf`` backend does). A generation setting the
+  model's end-of-turn token or, as the ``hf`` backend's, soon after an ``until`` string (the engine's stop
+  strings), and the text is cut at the first of the request's ``until`` strings (the end-of-text token's
+  string included, as lm-eval's ``hf`` backend does). A generation setting the
   engine does not have (``top_k``, ``num_beams``, ``repetition_penalty``) is an error, never ignored.
 - ``loglikelihood`` and ``loglikelihood_rolling`` run batched forwards: input rows sorted by length and
   left-padded (with position ids), requests that share an input row (the one-token answers of a
@@ -432,7 +433,7 @@ class RaftuneLM(TemplateLM):
             for s in range(0, len(order), self.batch_size):
                 batch = order[s : s + self.batch_size]
                 gen = self.engine.generate([prompts[i] for i in batch], max_gen, temperature, top_p,
-                                           batch_bucket=self.batch_size)
+                                           batch_bucket=self.batch_size, stop=until, decode=self.tok_decode)
                 for i, row, n in zip(batch, gen.tokens_BN.tolist(), gen.lengths_B.tolist()):
                     out[i] = postprocess_generated_text(self.tok_decode(row[:n]), until, None)
         if self.stats["truncated_contexts"]:

@@ -20,8 +20,13 @@ which crashes under bf16 autocast with fp32 master weights (the trainer's case).
   caller's batch size or a power of two, cache length to a power of two, at least ``min_length``)
   so the compiled graphs are reused across batches and calls; the host waits on the device only every
   ``sync_every`` steps, to see whether every row has stopped;
-- stops when every row has produced an end-of-turn token, or after ``max_new_tokens``. Rows that
-  stopped are padded with ``pad_id``; the mask keeps each row up to and including its first end token.
+- stops when every row has produced an end-of-turn token or, where the caller passes stop strings
+  (lm-eval's ``until``), a stop string in its decoded text, or after ``max_new_tokens``. Rows that
+  stopped are padded with ``pad_id``; the mask keeps each row up to and including its first end token
+  (a row stopped on a stop string: every token it generated). Stop strings are checked on the host at
+  the synchronisation points the loop already has, and only once the text before the first stop string
+  can no longer change (``first_stop_is_final``): the caller still cuts the text (a stop string may span
+  tokens), and gets the text it would get from decoding to the end.
 
 The fast path never kills a run: if compiling the step fails (a missing or broken Triton or C++
 toolchain, an inductor error, an op it cannot capture, a failed CUDA-graph capture), the engine logs
@@ -41,7 +46,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -59,20 +64,43 @@ COMPILE_MODES = CompileMode.__args__
 class Generation:
     """What one ``generate`` call made, on the CPU, one row per prompt, N = max_new_tokens."""
 
-    tokens_BN: torch.Tensor  # (B, N) long; pad_id after a row's end token
-    mask_BN: torch.Tensor  # (B, N) bool; True up to and including the first end token
-    stopped_B: torch.Tensor  # (B,) bool; False where the row ran into max_new_tokens
+    tokens_BN: torch.Tensor  # (B, N) long; pad_id after a row's end token, or after a row stopped on a stop string
+    mask_BN: torch.Tensor  # (B, N) bool; True up to and including the first end token, or every token generated
+    stopped_B: torch.Tensor  # (B,) bool; an end token or a stop string ended the row (False: max_new_tokens)
+    on_stop_B: torch.Tensor  # (B,) bool; a stop string ended the row: no end token, and the few tokens made
+    # after the stop string until the engine saw it are kept; the caller cuts the text at the stop string
 
     @property
     def lengths_B(self) -> torch.Tensor:
-        """(B,) tokens before the end token (the end token itself excluded)."""
-        return self.mask_BN.sum(dim=1) - self.stopped_B.long()
+        """(B,) tokens before the end token (the end token itself excluded); a row stopped on a stop
+        string: every token it generated."""
+        return self.mask_BN.sum(dim=1) - (self.stopped_B & ~self.on_stop_B).long()
 
 
 def end_mask(tokens_BN: torch.Tensor, eos_ids) -> torch.Tensor:
     """(B, N) bool: True up to and including the first end token of each row."""
     is_end_BN = torch.isin(tokens_BN, torch.tensor(sorted(eos_ids), dtype=tokens_BN.dtype))
     return ~((is_end_BN.cumsum(dim=1) - is_end_BN.long()) > 0)  # no end token strictly earlier in the row
+
+
+# Characters a stop string's first occurrence waits for past the longest stop string: the detokenizer may
+# still change the last few characters of a text when tokens follow (a space dropped before punctuation).
+STOP_LOOKAHEAD = 4
+STOP_WINDOW_MARGIN = 8  # tokens decoded past what the longest stop string and the lookahead need
+
+
+def first_stop_is_final(text: str, stops: Sequence[str]) -> bool:
+    """Whether ``text`` holds a stop string whose first occurrence no continuation can move: cutting it
+    there gives what cutting the text of any longer generation at its first stop string gives.
+
+    A continuation can change the end of a text (complete a UTF-8 sequence shown as U+FFFD, drop a space
+    before punctuation) and can complete a longer stop string begun before the first one found: the
+    occurrence counts once the text runs the longest stop string plus ``STOP_LOOKAHEAD`` characters past
+    its start, trailing U+FFFD not counted. Empty stop strings are ignored (as lm-eval's cut does)."""
+    stops = [s for s in stops if s]
+    stable = text.rstrip("\ufffd")
+    first = min((i for i in (stable.find(s) for s in stops) if i >= 0), default=-1)
+    return first >= 0 and len(stable) - first >= max(map(len, stops)) + STOP_LOOKAHEAD
 
 
 def _pow2(n: int) -> int:
@@ -237,14 +265,23 @@ class DecodeEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 batch_bucket: int | None = None) -> Generation:
+                 batch_bucket: int | None = None, stop: Sequence[str] | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> Generation:
         """Continue every prompt (token ids, no padding) by up to ``max_new_tokens`` tokens.
 
         ``batch_bucket``: when compiling, rows are padded up to it (a caller with a fixed batch size
         passes it, so a short last batch reuses the graph of the full ones); default a power of two.
+        ``stop``: strings that end a row once its text (``decode`` of its generated tokens, the caller's
+        own decoding) holds one whose first occurrence is final (``first_stop_is_final``), checked every
+        ``sync_every`` steps; the caller cuts the text at the first stop string, and greedy rows give
+        the cut text of decoding without stop strings. Sampled rows draw as they would, but a call that
+        ends earlier leaves the RNG elsewhere for the next one.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt")
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
+        if stops and decode is None:
+            raise ValueError("generate: stop strings need decode, the caller's text of a row's token ids")
         device = self._device()
         compiled = self.compiling(device)
         n_real, N = len(prompts), max_new_tokens
@@ -281,6 +318,7 @@ class DecodeEngine:
             self.stats["prefills"] += 1
             tok_B = pick_tokens(logits, temperature, top_p)
             done_B = torch.isin(tok_B, eos_E)
+            done_B[n_real:] = True  # filler rows: their tokens are dropped, they never keep the loop running
             out_BN[:, 0] = tok_B
             # --- decode, one token per step
             step = self._step_compiled_or_eager if compiled else _decode_step
@@ -289,9 +327,16 @@ class DecodeEngine:
             sync_every = self.sync_every or (16 if device.type == "cuda" else 1)
             tok_B1 = tok_B.unsqueeze(1).clone()
             pos_B1 = pos_BP[:, -1:] + 1  # (B, 1)
+            made_B = [N] * B  # tokens each row made: fewer where a stop string ended it
+            window = sync_every + max(map(len, stops), default=0) + STOP_LOOKAHEAD + STOP_WINDOW_MARGIN
             for t in range(1, N):
-                if (t - 1) % sync_every == 0 and bool(done_B.all()):  # the only host synchronisation
-                    break
+                if (t - 1) % sync_every == 0:  # the only host synchronisation
+                    if stops:
+                        done_B, finished = self._stop_on_strings(out_BN, t, done_B, stops, decode, window, made_B)
+                    else:
+                        finished = bool(done_B.all())
+                    if finished:
+                        break
                 nxt_B, now_done_B = step(self.model, self._cache_kw, cache, tok_B1, pos_B1, mask_BL, done_B, eos_E,
                                          self.pad_id, temperature, top_p)
                 out_BN[:, t] = nxt_B
@@ -300,7 +345,26 @@ class DecodeEngine:
                 pos_B1 = pos_B1 + 1
                 self.stats["decode_steps"] += 1
         tokens_BN = out_BN[:n_real].cpu()
-        return Generation(tokens_BN, end_mask(tokens_BN, self.eos_ids), torch.isin(tokens_BN, eos_E.cpu()).any(dim=1))
+        made_B = torch.tensor(made_B[:n_real])  # (B,)
+        on_stop_B = made_B < N
+        mask_BN = end_mask(tokens_BN, self.eos_ids) & (torch.arange(N) < made_B[:, None])  # pad_id may be an end id
+        return Generation(tokens_BN, mask_BN, torch.isin(tokens_BN, eos_E.cpu()).any(dim=1) | on_stop_B, on_stop_B)
+
+    @staticmethod
+    def _stop_on_strings(out_BN, t: int, done_B, stops: list[str], decode, window: int, made_B: list[int]):
+        """At a synchronisation point, before step ``t``: the rows not done whose text holds a final stop
+        string are done from now on (``made_B`` records their ``t`` tokens). A row's last ``window`` tokens
+        are decoded first (cheap; a stop string that the window misses only costs steps), its whole text
+        only where they hold a stop string. Returns done_B and whether every row is done."""
+        rows = torch.cat([done_B[:, None].long(), out_BN[:, max(0, t - window):t]], dim=1).tolist()  # one copy
+        done = [bool(r[0]) for r in rows]
+        newly = [i for i, r in enumerate(rows) if not done[i] and any(s in decode(r[1:]) for s in stops)
+                 and first_stop_is_final(decode(out_BN[i, :t].tolist()), stops)]
+        for i in newly:
+            done[i], made_B[i] = True, t
+        if newly:  # a value change of the step's input: the compiled graph replays as before
+            done_B = torch.tensor(done, device=done_B.device)
+        return done_B, all(done)
 
     def _attention_backends(self, device: torch.device):
         """On CUDA, SDPA without the cuDNN backend: it costs ~1.5 ms of CPU per call for a decode-sized
