@@ -9,6 +9,11 @@ perplexity is the reference it starts from). Both are 0 / equal for an unchanged
     answers = base_answers(base, tok, prompts, max_new_tokens=256)
     report = drift(base, tuned, tok, prompts, answers)
 
+During training, ``Forgetting`` runs the same drift computation (``drift_per_prompt``) as a live
+monitor on the original model's answers to general prompts (built-in ones by default,
+``builtin_prompts``), adds the general-behaviour anchor to the loss, and keeps a forgetting budget
+(README, "Forgetting monitor and budget").
+
 Weight distance (paper Appendix A): ||W_ft - W_0|| / ||W_0|| per parameter tensor and its mean over
 tensors (the paper reports RAFT 0.0458 vs SFT 0.0524 on SmolLM3-3B).
 

@@ -13,6 +13,10 @@ the teacher's top-K tokens at each position and renormalized there; the per-toke
 T^2 * KL(p~_T || p~_S) (forward, the paper's reading) or T^2 * KL(p~_S || p~_T) (reverse).
 K and T are the caller's: the paper's K is 512; its T is lost from the text (1.0 is our inferred default).
 
+The forgetting budget's pieces sit here too: `anchor_kl`, the full-vocabulary KL(original || student)
+of the general-behaviour anchor, and `BudgetController`, the dual-ascent rule for its weight, beside
+`EMABalancer` (the paper's lambda rule, untouched).
+
 Memory: `chunked_*` take hidden states and the LM head instead of logits and compute the logits
 `chunk` positions at a time, so the student's full (B, T, V) fp32 logits never exist at once;
 each chunk runs under activation checkpointing, so its backward recomputes the chunk's logits

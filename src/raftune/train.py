@@ -26,8 +26,11 @@ Ablations are settings: ``kl_lambda`` (a fixed lambda), ``top_k: null`` (full-vo
 
 A step, in the order of the method: batch; rollout (the student samples trajectories); student
 forward on prompt + fused answer (CE); student forward on prompt + trajectory and teacher forward on
-context + trajectory under no_grad (KL); lambda; optimizer step; log. Losses follow one rule: sum over
-valid tokens, divided by the number of valid tokens of the whole optimizer step.
+context + trajectory under no_grad (KL); with a forgetting budget or ``anchor_weight``, the anchor
+(KL to the original model on its own answers to general prompts); lambda; optimizer step; log, with
+the forgetting monitor's drift every ``monitor_every`` steps (``raftune.forgetting.Forgetting``).
+Losses follow one rule: sum over valid tokens, divided by the number of valid tokens of the whole
+optimizer step.
 """
 from __future__ import annotations
 

@@ -1,0 +1,293 @@
+"""The forgetting monitor, the anchor lever and the forgetting budget, measured on MedQuAD with LoRA.
+
+    python benchmarks/forgetting_budget.py --quick                       # every part at a tiny size, minutes on CPU
+    python benchmarks/forgetting_budget.py --out docs/forgetting-budget  # the CPU size of issue 16 (about an hour on 2 cores)
+    python benchmarks/forgetting_budget.py --device cuda --steps 200 --batch-size 16 --rollout-tokens 128 \\
+        --train-limit 3200 --heldout 200 --monitor-every 10                # a GPU size
+
+Every run goes through the real trainer (``raftune.train.train``) on the embedded SmolLM2-135M-Instruct
+(``--model``) with LoRA, on MedQuAD questions (``--data``) split into training rows and disjoint
+held-out rows. Parts:
+
+(a) SFT and RAFT with the monitor on: the drift KL(original || student) at every monitor step.
+(b) The levers at three fixed settings each (``--lever-method``, default sft): the anchor's weight mu
+    (``anchor_weight``, no controller) and the learning rate. Drift must fall as mu grows (rise with lr).
+(c) SFT and RAFT at two forgetting budgets each (``--budgets``, or fractions ``--budget-fractions`` of
+    each method's own drift in (a)): the mean drift after the controller's warm-up against the budget
+    (target: within +25%), whether the run met it, the step model/ holds and its held-out domain loss (a
+    looser budget should buy more domain learning).
+(d) The monitor's cost: seconds per measurement against seconds per training step, as its share of
+    training wall time at the default ``monitor_every`` (target <= 5%) and at this run's; the one-time
+    cost of the original's answers; and the anchor's cost per step.
+(e) WiSE-FT of the SFT model at three alphas, and whether budgeted SFT or RAFT beats it at equal drift.
+
+Every saved model (and each WiSE-FT mix) is measured the same way afterwards: the drift suite's
+``forgetting.drift`` on the monitor's prompts and the base model's answers, and the held-out domain
+loss. Writes ``results.json`` and ``results.md`` into ``--out`` (and the runs under ``--out/runs``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad" / "qa.jsonl.gz"
+QUICK = dict(steps=4, batch_size=2, rollout_tokens=8, train_limit=32, heldout=4, max_len=256, monitor_limit=4,
+             monitor_tokens=16, monitor_every=2, budget_warmup=2)
+
+
+def split_medquad(data: Path, out: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
+    """Training and held-out files of disjoint MedQuAD questions (a seeded shuffle; a question is held
+    out with all of its answers, so no held-out question is ever trained on)."""
+    from raftune.data import load_qa
+
+    examples = load_qa(str(data))[0]
+    questions = sorted({ex.question for ex in examples})
+    random.Random(seed).shuffle(questions)
+    held = set(questions[:n_heldout])
+    train_rows = [ex for ex in examples if ex.question not in held]
+    random.Random(seed + 1).shuffle(train_rows)
+    heldout_rows = [ex for ex in examples if ex.question in held]
+    heldout_rows = list({ex.question: ex for ex in heldout_rows}.values())  # one answer per held-out question
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "train.jsonl", out / "heldout.jsonl"
+    for path, rows in zip(paths, (train_rows[:n_train], heldout_rows)):
+        path.write_text("".join(json.dumps({"question": ex.question, "answer": ex.answer}) + "\n" for ex in rows))
+    return paths
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def by_step(run: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in metrics(run) if r.get(key) is not None}
+
+
+class Measure:
+    """Drift (the drift suite's computation) and held-out domain loss of saved models, all measured alike."""
+
+    def __init__(self, base: str, answers_file: Path, heldout: Path, max_len: int, device: str):
+        from raftune.data import load_qa
+        from raftune.models import load_model_and_tokenizer
+        from raftune.sequences import end_of_turn_id
+
+        self.base, self.tok = load_model_and_tokenizer(base, device=device, dtype="fp32")
+        rows = json.loads(answers_file.read_text())["rows"]
+        self.prompts, self.answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+        self.heldout, self.max_len, self.device = load_qa(str(heldout))[0], max_len, device
+        self.eot = end_of_turn_id(self.tok, self.base.generation_config)
+
+    def __call__(self, model_dir: Path) -> dict:
+        from raftune.forgetting import drift
+        from raftune.models import load_model_and_tokenizer
+        from raftune.train import TokenLosses, domain_loss
+
+        model = load_model_and_tokenizer(str(model_dir), device=self.device, dtype="fp32")[0]
+        d = drift(self.base, model, self.tok, self.prompts, self.answers)["kl_base_to_tuned"]
+        loss = domain_loss(TokenLosses(model), self.tok, self.heldout, 8, self.max_len, self.eot)
+        return {"drift": d, "heldout_loss": loss}
+
+    def base_loss(self) -> float:
+        from raftune.train import TokenLosses, domain_loss
+
+        return domain_loss(TokenLosses(self.base), self.tok, self.heldout, 8, self.max_len, self.eot)
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """The y of the piecewise-linear curve through ``points`` (x sorted) at ``x``; None outside it."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="every part at a tiny size (a check that it runs)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default="runs/bench-forgetting-budget")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rollout-tokens", type=int, default=32)
+    p.add_argument("--train-limit", type=int, default=400, help="training rows")
+    p.add_argument("--heldout", type=int, default=48, help="held-out questions (disjoint from training)")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--monitor-limit", type=int, default=32, help="the default size: (d) measures its cost")
+    p.add_argument("--monitor-tokens", type=int, default=128)
+    p.add_argument("--monitor-every", type=int, default=4)
+    p.add_argument("--anchor-batch", type=int, default=4)
+    p.add_argument("--lever-method", default="sft")
+    p.add_argument("--lever-weights", default="1,10,100", help="three fixed anchor weights mu")
+    p.add_argument("--lever-lrs", default="0.25,0.5,1", help="three learning rates, as multiples of --lr")
+    p.add_argument("--budgets", default=None, help="two budgets per method, e.g. 0.02,0.04 (default: --budget-fractions)")
+    p.add_argument("--budget-fractions", default="0.4,0.7", help="budgets as fractions of each method's free drift in (a)")
+    p.add_argument("--budget-warmup", type=int, default=8)
+    p.add_argument("--wise-alphas", default="0.25,0.5,0.75")
+    p.add_argument("--parts", default="abcde", help="which parts to run (c and e need a)")
+    args = p.parse_args()
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if not Path(args.data).exists():
+        sys.exit(f"{args.data}: no such file (MedQuAD: ../shared/data/medquad/qa.jsonl.gz)")
+
+    from raftune.train import MONITOR_EVERY, TrainConfig, train
+
+    out = Path(args.out)
+    train_file, heldout_file = split_medquad(Path(args.data), out / "data", args.train_limit, args.heldout, seed=0)
+    common = dict(data=str(train_file), model=args.model, out_dir=str(out / "runs"), lora=True, batch_size=args.batch_size,
+                  max_steps=args.steps, max_len=args.max_len, max_reference_tokens=384, rollout_max_new_tokens=args.rollout_tokens,
+                  eval_data=str(heldout_file), eval_limit=args.heldout, monitor_limit=args.monitor_limit,
+                  monitor_max_new_tokens=args.monitor_tokens, monitor_every=args.monitor_every, anchor_batch=args.anchor_batch,
+                  save_every=10**6, device=args.device, lr=args.lr)
+    results: dict = {"settings": {k: v for k, v in vars(args).items()}, "monitor_every_default": MONITOR_EVERY}
+    runs: dict[str, Path] = {}
+    made: dict[str, Path] = {}  # settings -> run: a lever setting equal to (a)'s run is that run
+
+    def run(label: str, **kw) -> Path:
+        key = json.dumps({**common, **kw}, sort_keys=True)
+        if key in made:
+            runs[label] = made[key]
+            return made[key]
+        t0 = time.perf_counter()
+        runs[label] = made[key] = train(TrainConfig(**{**common, **kw}), progress=False)
+        print(f"  {label}: {time.perf_counter() - t0:.0f} s  drift per step "
+              + " ".join(f"{s}:{v:.4f}" for s, v in by_step(runs[label], "drift_kl").items()), flush=True)
+        return runs[label]
+
+    # --- (a) the monitor during SFT and RAFT
+    if "a" in args.parts or "c" in args.parts or "e" in args.parts:
+        print("(a) monitor", flush=True)
+        for method in ("sft", "raft"):
+            run(method, method=method)
+        results["monitor"] = {m: by_step(runs[m], "drift_kl") for m in ("sft", "raft")}
+    measure = Measure(args.model, next(iter(runs.values()), out) / "monitor_answers.json", heldout_file, args.max_len,
+                      args.device) if runs else None
+
+    # --- (b) the levers at three fixed settings
+    if "b" in args.parts:
+        print("(b) levers", flush=True)
+        lever = {"anchor_weight": [], "lr": []}
+        for mu in [float(x) for x in args.lever_weights.split(",")]:
+            r = run(f"{args.lever_method} mu={mu:g}", method=args.lever_method, anchor_weight=mu)
+            lever["anchor_weight"].append({"setting": mu, "drift": by_step(r, "drift_kl")[args.steps],
+                                           "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]})
+        for f in [float(x) for x in args.lever_lrs.split(",")]:
+            r = run(f"{args.lever_method} lr={f * args.lr:g}", method=args.lever_method, **({"lr": f * args.lr} if f != 1 else {}))
+            lever["lr"].append({"setting": f * args.lr, "drift": by_step(r, "drift_kl")[args.steps],
+                                "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]})
+        for name, pts in lever.items():
+            d = [pt["drift"] for pt in pts]
+            mono = all(a > b for a, b in zip(d, d[1:])) if name == "anchor_weight" else all(a < b for a, b in zip(d, d[1:]))
+            lever[name] = {"points": pts, "monotone": mono}
+        results["levers"] = lever
+
+    # --- (c) budgets
+    if "c" in args.parts:
+        print("(c) budgets", flush=True)
+        results["budgets"] = []
+        for method in ("sft", "raft"):
+            free = by_step(runs[method], "drift_kl")[args.steps]
+            budgets = ([float(b) for b in args.budgets.split(",")] if args.budgets else
+                       [float(f"{f * free:.3g}") for f in map(float, args.budget_fractions.split(","))])
+            for b in budgets:
+                r = run(f"{method} B={b:g}", method=method, forgetting_budget=b, budget_warmup=args.budget_warmup)
+                after = [v for s, v in by_step(r, "drift_kl").items() if s >= args.budget_warmup]
+                chosen = json.loads((r / "config.json").read_text())["budget"]
+                results["budgets"].append({
+                    "method": method, "budget": b, "free_drift": free, "mean_drift_after_warmup": statistics.mean(after),
+                    "max_drift_after_warmup": max(after), "ratio_to_budget": statistics.mean(after) / b, "met": chosen["met"],
+                    "model_step": chosen["step"], "anchor_weight_final": chosen["anchor_weight_final"],
+                    **measure(r / "model")})
+
+    # --- (d) the monitor's cost
+    if "a" in args.parts:
+        cost = {}
+        for method in ("sft", "raft"):
+            rows = metrics(runs[method])
+            step_s = statistics.median(r["rollout_s"] + r["other_s"] for r in rows if "lr" in r)
+            measure_s = statistics.median(r["monitor_s"] for r in rows if "monitor_s" in r and r["step"] > 0)
+            cost[method] = {"step_s": step_s, "measure_s": measure_s, "answers_s": rows[0].get("monitor_answers_s"),
+                            "share_at_default": measure_s / (MONITOR_EVERY * step_s + measure_s),
+                            "share_at_this_run": measure_s / (args.monitor_every * step_s + measure_s)}
+        if "b" in args.parts:  # the anchor's cost: a step with it against one without (mu=0 is (a)'s run)
+            anchored = statistics.median(r["rollout_s"] + r["other_s"] for r in metrics(runs[f"{args.lever_method} mu="
+                                                                                        f"{float(args.lever_weights.split(',')[0]):g}"])
+                                         if "lr" in r)
+            cost["anchor_step_over_plain"] = anchored / cost[args.lever_method]["step_s"]
+        results["cost"] = cost
+
+    # --- (e) WiSE-FT of SFT, and the comparison at equal drift
+    if "e" in args.parts:
+        from raftune.posthoc import wise
+
+        print("(e) WiSE-FT", flush=True)
+        alphas = [float(a) for a in args.wise_alphas.split(",")]
+        mixes = wise(args.model, str(runs["sft"] / "model"), str(out / "wise"), alphas)
+        results["wise"] = [{"alpha": a, **measure(m)} for a, m in zip(alphas, mixes)]
+        results["wise"].append({"alpha": 1.0, **measure(runs["sft"] / "model")})
+        curve = [(0.0, measure.base_loss())] + [(w["drift"], w["heldout_loss"]) for w in results["wise"]]
+        results["base_heldout_loss"] = curve[0][1]
+        for b in results.get("budgets", []):
+            at = interpolate(curve, b["drift"])
+            b["wise_loss_at_equal_drift"] = at
+            b["beats_wise"] = None if at is None else b["heldout_loss"] < at
+
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"Forgetting monitor and budget: {s['model']} with LoRA on MedQuAD, {s['steps']} steps at batch {s['batch_size']}, "
+             f"lr {s['lr']:g}, {s['rollout_tokens']} rollout tokens, held-out loss on {s['heldout']} questions, drift on "
+             f"{s['monitor_limit']} built-in monitor prompts (answers up to {s['monitor_tokens']} tokens), measured every "
+             f"{s['monitor_every']} steps, on {s['device']}.", ""]
+    if "monitor" in r:
+        lines += ["(a) drift KL per token by step", "", "| method | " + " | ".join(f"step {k}" for k in r["monitor"]["sft"]) + " |",
+                  "|---|" + "---|" * len(r["monitor"]["sft"])]
+        lines += [f"| {m} | " + " | ".join(f"{v:.4f}" for v in r["monitor"][m].values()) + " |" for m in r["monitor"]]
+        lines.append("")
+    if "levers" in r:
+        lines += [f"(b) levers, {s['lever_method']}, fixed settings", "", "| lever | setting | drift | held-out loss |", "|---|---|---|---|"]
+        for name, lev in r["levers"].items():
+            lines += [f"| {name} | {pt['setting']:g} | {pt['drift']:.4f} | {pt['heldout_loss']:.4f} |" for pt in lev["points"]]
+        lines += ["", "monotone: " + ", ".join(f"{n} {'yes' if lev['monotone'] else 'no'}" for n, lev in r["levers"].items()), ""]
+    if "budgets" in r:
+        lines += ["(c) budgets (drift after warm-up, model/ measured afterwards)", "",
+                  "| method | budget | free drift | mean drift after warm-up | / budget | met | model/ step | model/ drift | "
+                  "model/ held-out loss | WiSE-FT of SFT at equal drift | beats WiSE-FT |", "|---|" + "---|" * 10]
+        for b in r["budgets"]:
+            wl = b.get("wise_loss_at_equal_drift")
+            lines.append(f"| {b['method']} | {b['budget']:g} | {b['free_drift']:.4f} | {b['mean_drift_after_warmup']:.4f} | "
+                         f"{b['ratio_to_budget']:.2f} | {'yes' if b['met'] else 'no'} | {b['model_step']} | {b['drift']:.4f} | "
+                         f"{b['heldout_loss']:.4f} | {'n/a' if wl is None else f'{wl:.4f}'} | "
+                         f"{'n/a' if b.get('beats_wise') is None else 'yes' if b['beats_wise'] else 'no'} |")
+        lines.append("")
+    if "cost" in r:
+        c = r["cost"]
+        lines += ["(d) monitor cost", "", "| method | s per step | s per measurement | answers (once) s | share at default "
+                  f"(every {r['monitor_every_default']}) | share at every {s['monitor_every']} |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {c[m]['step_s']:.2f} | {c[m]['measure_s']:.2f} | {c[m]['answers_s'] or 0:.1f} | "
+                  f"{100 * c[m]['share_at_default']:.1f}% | {100 * c[m]['share_at_this_run']:.1f}% |" for m in ("sft", "raft")]
+        if "anchor_step_over_plain" in c:
+            lines += ["", f"anchor: a step with it takes {c['anchor_step_over_plain']:.2f}x one without"]
+        lines.append("")
+    if "wise" in r:
+        lines += [f"(e) WiSE-FT of SFT (base held-out loss {r['base_heldout_loss']:.4f})", "", "| alpha | drift | held-out loss |",
+                  "|---|---|---|"] + [f"| {w['alpha']:g} | {w['drift']:.4f} | {w['heldout_loss']:.4f} |" for w in r["wise"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
