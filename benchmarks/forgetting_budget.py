@@ -201,7 +201,8 @@ def main() -> None:
                        [float(f"{f * free:.3g}") for f in map(float, args.budget_fractions.split(","))])
             for b in budgets:
                 r = run(f"{method} B={b:g}", method=method, forgetting_budget=b, budget_warmup=args.budget_warmup)
-                after = [v for s, v in by_step(r, "drift_kl").items() if s >= args.budget_warmup]
+                # after the controller's first update (at the first measurement from budget_warmup on)
+                after = [v for s, v in by_step(r, "drift_kl").items() if s > args.budget_warmup] or [by_step(r, "drift_kl")[args.steps]]
                 chosen = json.loads((r / "config.json").read_text())["budget"]
                 results["budgets"].append({
                     "method": method, "budget": b, "free_drift": free, "mean_drift_after_warmup": statistics.mean(after),
