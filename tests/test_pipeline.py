@@ -84,31 +84,20 @@ def test_run_refuses_bad_settings_of_every_stage_before_refine_starts(tmp_path):
 def test_the_gpu_comparison_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
     """configs/medquad-gpu.yaml unchanged but for --set flags that shrink it: every baseline, post-hoc
     transform and ablation trains (or is made) and is evaluated, and the comparison has a row for each."""
-    from pathlib import Path
-
     from conftest import shared_data
 
     shared_data("medquad", "qa.jsonl.gz")
     shared_data("alpaca_tiny", "alpaca_tiny.json")
-    repo = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(repo)  # the config's data paths are relative to the checkout, as in the README
-    config = yaml.safe_load((repo / "configs" / "medquad-gpu.yaml").read_text())
     tiny = str(tiny_model_dir)
     shrink = {
-        "refine.model": tiny, "refine.judges": f"[{tiny}]", "refine.limit": 6, "refine.batch_size": 3,
-        "refine.max_new_tokens": 4, "refine.judge_max_new_tokens": 4, "refine.rounds": 1, "refine.tau": -1.0,
-        "refine.device": "cpu", "refine.out_dir": str(tmp_path / "runs"),
+        **_tiny_refine(tiny, tmp_path / "runs"),
         "train.max_steps": 1, "train.batch_size": 3, "train.rollout_max_new_tokens": 4, "train.top_k": 8,
         "train.max_len": 96, "train.max_reference_tokens": 32, "train.eval_limit": 2, "train.device": "cpu",
         "eval.judges": f"[{tiny}]", "eval.domain_limit": 2, "eval.ifeval_limit": 2, "eval.mmlu_subjects": "[anatomy]",
         "eval.mmlu_limit_per_subject": 2, "eval.general_limit": 1, "eval.max_new_tokens": 4,
         "eval.judge_max_new_tokens": 4, "eval.judge_retries": 0, "eval.batch_size": 4, "eval.device": "cpu",
     }
-    args = ["run", "--config", "configs/medquad-gpu.yaml"] + [a for k, v in shrink.items() for a in ("--set", f"{k}={v}")]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    summary = json.loads(next((tmp_path / "runs").glob("refine-*/pipeline.json")).read_text())
-    labels = [m if isinstance(m, str) else m["name"] for m in config["methods"]]
+    summary, labels = _run_shrunk("medquad-gpu.yaml", shrink, tmp_path / "runs", monkeypatch)
     assert list(summary["methods"]) == labels and len(labels) == 17
     table = json.loads((Path(summary["comparison"]["dir"]) / "comparison.json").read_text())
     assert list(table["rows"]) == ["base", *labels]
@@ -182,38 +171,21 @@ def test_the_tradeoff_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, monkey
     """configs/medquad-tradeoff.yaml unchanged but for --set flags that shrink it: SFT at three learning
     rates, WiSE-FT at three alphas, SFT and RAFT at three budgets and RAFT alone are trained (or made),
     evaluated, and drawn as five curves."""
-    import dataclasses
-
-    import pytest
-
     from conftest import shared_data
-    from raftune.train import TrainConfig
 
-    if "forgetting_budget" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        pytest.skip("TrainConfig has no forgetting_budget setting yet (issue 16, part 2): the config's budget "
-                    "entries cannot be built")
     shared_data("medquad", "qa.jsonl.gz")
     shared_data("ifeval", "input_data.jsonl")
     shared_data("alpaca_eval", "alpaca_eval.jsonl")
-    repo = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(repo)  # the config's data paths are relative to the checkout, as in the README
-    config = yaml.safe_load((repo / "configs" / "medquad-tradeoff.yaml").read_text())
     tiny = str(tiny_model_dir)
     shrink = {
-        "refine.model": tiny, "refine.judges": f"[{tiny}]", "refine.limit": 6, "refine.batch_size": 3,
-        "refine.max_new_tokens": 4, "refine.judge_max_new_tokens": 4, "refine.rounds": 1, "refine.tau": -1.0,
-        "refine.device": "cpu", "refine.out_dir": str(tmp_path / "runs"),
+        **_tiny_refine(tiny, tmp_path / "runs"),
         "train.max_steps": 2, "train.batch_size": 3, "train.rollout_max_new_tokens": 4, "train.top_k": 8,
         "train.max_len": 96, "train.max_reference_tokens": 32, "train.eval_limit": 2, "train.device": "cpu",
         "train.monitor_every": 1, "train.monitor_limit": 3, "train.monitor_max_new_tokens": 4,
         "eval.ifeval_limit": 2, "eval.general_limit": 2, "eval.max_new_tokens": 4, "eval.batch_size": 4,
         "eval.device": "cpu",
     }
-    args = ["run", "--config", "configs/medquad-tradeoff.yaml"] + [a for k, v in shrink.items() for a in ("--set", f"{k}={v}")]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    summary = json.loads(next((tmp_path / "runs").glob("refine-*/pipeline.json")).read_text())
-    labels = [m if isinstance(m, str) else m["name"] for m in config["methods"]]
+    summary, labels = _run_shrunk("medquad-tradeoff.yaml", shrink, tmp_path / "runs", monkeypatch)
     assert list(summary["methods"]) == labels and len(labels) == 13
     for m, r in summary["methods"].items():
         if "budget" in m:
@@ -227,3 +199,23 @@ def test_the_tradeoff_config_runs_shrunk_on_cpu(tmp_path, tiny_model_dir, monkey
     assert t["points"]["sft-lr3e-5"]["setting"] == {"lr": 3e-5} and t["points"]["wise-0.5"]["setting"] == {"alpha": 0.5}
     assert all(p["domain_gain"] is not None and p["drift KL"] is not None for p in t["points"].values())
     assert t["front"]["drift KL"] and (Path(summary["comparison"]["dir"]) / "tradeoff_curves.png").exists()
+
+
+def _tiny_refine(tiny: str, runs: Path) -> dict:
+    """--set values that shrink a config's refine section to the tiny model: one round, every rewrite kept."""
+    return {"refine.model": tiny, "refine.judges": f"[{tiny}]", "refine.limit": 6, "refine.batch_size": 3,
+            "refine.max_new_tokens": 4, "refine.judge_max_new_tokens": 4, "refine.rounds": 1, "refine.tau": -1.0,
+            "refine.device": "cpu", "refine.out_dir": str(runs)}
+
+
+def _run_shrunk(config_name: str, shrink: dict, runs: Path, monkeypatch) -> tuple[dict, list[str]]:
+    """`raftune run` on configs/<config_name> unchanged but for ``shrink`` as --set flags; (pipeline.json, the
+    config's entry labels in order)."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the config's data paths are relative to the checkout, as in the README
+    config = yaml.safe_load((repo / "configs" / config_name).read_text())
+    args = ["run", "--config", f"configs/{config_name}"] + [a for k, v in shrink.items() for a in ("--set", f"{k}={v}")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(next(runs.glob("refine-*/pipeline.json")).read_text())
+    return summary, [m if isinstance(m, str) else m["name"] for m in config["methods"]]
