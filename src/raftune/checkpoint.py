@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,22 @@ def set_rng_state(tensors: dict, plain: dict) -> None:
         torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
+def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """Write a folder whole or not at all: ``write`` fills a hidden sibling, its files are synced to disk,
+    and it replaces ``final``. A run killed while writing leaves the previous ``final`` (or none) and the
+    hidden ``.<name>.tmp``, removed by the next write."""
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
 def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
                     write: bool = True) -> Path:
     """``write=False``: take part in the gathering (FSDP) without writing (every process but the main one)."""
@@ -72,19 +89,15 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, state: di
     final = run / f"{PREFIX}{step}"
     if not write:
         return final
-    tmp = run / f".{PREFIX}{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    rng_tensors, rng_plain = rng_state()
-    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_tensors}, tmp / "optim_rng.pt")
-    (tmp / "rng.json").write_text(json.dumps(rng_plain))
-    (tmp / "state.json").write_text(json.dumps({**state, "format": FORMAT, "step": step}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        rng_tensors, rng_plain = rng_state()
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_tensors}, tmp / "optim_rng.pt")
+        (tmp / "rng.json").write_text(json.dumps(rng_plain))
+        (tmp / "state.json").write_text(json.dumps({**state, "format": FORMAT, "step": step}, indent=2))
+
+    replace_folder(final, write)
     for old in sorted(list_checkpoints(run))[:-keep]:
         shutil.rmtree(run / f"{PREFIX}{old}", ignore_errors=True)
     return final

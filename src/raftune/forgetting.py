@@ -515,24 +515,20 @@ class Forgetting:
             self._keep_aside(point)
 
     def _keep_aside(self, point: dict) -> None:
-        import os
-        import shutil
-
         from safetensors.torch import save_file
 
+        from raftune.checkpoint import replace_folder
         from raftune.distributed import is_sharded, trainable_state
 
         if not (is_sharded(self.model) or self.acc.is_main_process):
             return
         weights = trainable_state(self.acc.unwrap_model(self.model))  # collective when sharded
         if self.acc.is_main_process:
-            tmp, final = self.run / ".budget-best.tmp", self.run / "budget-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            (tmp / "point.json").write_text(json.dumps(point))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            def write(tmp: Path) -> None:
+                save_file(weights, str(tmp / "trainable.safetensors"))
+                (tmp / "point.json").write_text(json.dumps(point))
+
+            replace_folder(self.run / "budget-best", write)
 
     def choose(self, final_model) -> dict | None:
         """Main process, at the end, with a budget: load into ``final_model`` the weights ``model/`` gets
