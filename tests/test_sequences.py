@@ -159,3 +159,12 @@ def test_rows_with_special_token_strings_are_counted(tok):
     # a server's tokenizer is not known: the common chat formats' spellings
     assert special_token_hits(None, ["<|eot_id|>", "[INST] hi [/INST]", "<s>x</s>", "<start_of_turn>user",
                                      "a <b> c", "x | y", "<|not closed"]) == 4
+
+
+def test_pad_left_right_aligns_and_counts_positions_over_real_tokens():
+    from raftune.sequences import pad_left
+
+    ids, mask, pos = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]  # pads at 0, as transformers' generate gives them

@@ -85,7 +85,7 @@ import yaml
 
 from raftune.files import append_jsonl, read_jsonl_log, stable_hash
 from raftune.models import context_length, eval_mode
-from raftune.sequences import special_strings, text_ids, warn_special_text
+from raftune.sequences import pad_left, special_strings, text_ids, warn_special_text
 
 log = logging.getLogger("raftune.lmeval")
 
@@ -380,13 +380,8 @@ class RaftuneLM(TemplateLM):
                     batch.append(r)
                     keep = k
                     s += 1
-                T = len(inputs[batch[0]])
-                ids_BT = torch.full((len(batch), T), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-                mask_BT = torch.zeros((len(batch), T), dtype=torch.long)
-                for b, r in enumerate(batch):  # left-padded: every row's scored positions end at T
-                    ids_BT[b, T - len(inputs[r]):] = torch.tensor(inputs[r], dtype=torch.long)
-                    mask_BT[b, T - len(inputs[r]):] = 1
-                pos_BT = (mask_BT.cumsum(dim=1) - 1).clamp(min=0)
+                # left-padded: every row's scored positions end at T
+                ids_BT, mask_BT, pos_BT = pad_left([list(inputs[r]) for r in batch], self.tokenizer.pad_token_id or 0)
                 logits_BKV = self.model(input_ids=ids_BT.to(device), attention_mask=mask_BT.to(device),
                                         position_ids=pos_BT.to(device), logits_to_keep=keep, use_cache=False).logits
                 for b, r in enumerate(batch):

@@ -148,6 +148,19 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_BT, attention_mask_BT, position_ids_BT) with every sequence right-aligned (its last token at
+    T - 1, as batched decoding and last-position scoring want); positions count real tokens only, pads
+    get position 0 (as transformers' generate gives them)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def answer_batch(tok, prompts: list[list[int]], answers: list[str], eot_id: int, max_len: int, pad_id: int):
     """Prompt + answer + end-of-turn, right-padded, for cross-entropy on the answer tokens.
 

@@ -51,6 +51,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from raftune.models import context_length, eval_mode
+from raftune.sequences import pad_left
 
 log = logging.getLogger("raftune.generation.engine")
 
@@ -298,14 +299,11 @@ class DecodeEngine:
         dtype = self.compute_dtype(device)
 
         # --- left-padded prompts (B, P) and the mask of the whole cache (B, L)
-        ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
+        ids_BP, mask_BP, pos_BP = pad_left(prompts, self.pad_id)
         mask_BL = torch.zeros((B, L), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids_BP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask_BL[i, P - len(p):P] = 1
+        mask_BL[:, :P] = mask_BP
         mask_BL[:, P:P + N] = 1  # generated positions; the causal mask hides those not yet written
-        ids_BP, mask_BL = ids_BP.to(device), mask_BL.to(device)
-        pos_BP = (mask_BL[:, :P].cumsum(dim=1) - 1).clamp(min=0)  # as generate: pads get position 0
+        ids_BP, mask_BL, pos_BP = ids_BP.to(device), mask_BL.to(device), pos_BP.to(device)
         eos_E = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
 
         cache = self._cache(B, L, dtype, device)
