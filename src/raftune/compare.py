@@ -494,10 +494,9 @@ def _save(fig, path: Path) -> Path:
 def _training_metrics(results: dict) -> list[dict]:
     """The per-step training metrics of the model an eval run evaluated, when it came from `raftune train`
     (a model folder beside its metrics.jsonl). A training log that cannot be read costs its curves, not the table."""
-    model = (results.get("config") or {}).get("model")
-    if not isinstance(model, str) or not model or not Path(model).is_dir():  # a hub id, "default", a server
+    if (model := _model_folder(results)) is None:  # a hub id, "default", a server
         return []
-    path = Path(model).parent / "metrics.jsonl"
+    path = model.parent / "metrics.jsonl"
     try:
         rows = read_jsonl_log(path, repair=False)  # a line cut off by a crash is skipped
     except (OSError, ValueError) as e:
