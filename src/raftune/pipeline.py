@@ -264,8 +264,7 @@ def heldout_loss(model: str, tcfg: TrainConfig) -> float | None:
     lm, tok = load_model_and_tokenizer(model, device=str(device), dtype=tcfg.dtype or "fp32")
     # train's own length guard, so the examples are those its runs measured (not a second copy of the rule)
     examples, _ = _fitting(load_qa(tcfg.eval_data, limit=tcfg.eval_limit)[0], tok, tcfg, tcfg.resolve(tok), lm)
-    bf16 = tcfg.mixed_precision == "bf16" or (tcfg.mixed_precision == "auto" and device.type == "cuda")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # training's held-out loss runs under it too
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16(device.type)):  # training's held-out loss runs under it too
         return domain_loss(TokenLosses(lm), tok, examples, tcfg.batch_size, tcfg.max_len,
                            end_of_turn_id(tok, lm.generation_config), tcfg.loss_chunk)
 

@@ -248,6 +248,10 @@ class TrainConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-5)
 
+    def bf16(self, device_type: str) -> bool:
+        """Whether the forwards run under bf16 autocast on ``device_type``: ``mixed_precision`` resolved."""
+        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and device_type == "cuda")
+
     @property
     def monitor_interval(self) -> int:
         """Steps between drift measurements (0: no monitor), ``monitor_every`` resolved."""
@@ -399,7 +403,7 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
     from raftune.models import pick_device
 
     device_type = pick_device(cfg.device).type
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device_type == "cuda")
+    bf16 = cfg.bf16(device_type)
     # accelerate keeps one mixed-precision state per process; a second run in the process (`raftune run`
     # trains several methods) may want another one. The distributed state (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
