@@ -23,7 +23,9 @@ held-out rows. Parts:
 
 Every saved model (and each WiSE-FT mix) is measured the same way afterwards: the drift suite's
 ``forgetting.drift`` on the monitor's prompts and the base model's answers, and the held-out domain
-loss. Writes ``results.json`` and ``results.md`` into ``--out`` (and the runs under ``--out/runs``).
+loss. Writes ``results.json``, ``results.md`` (the tables, and the trade-off table of every point) and
+``tradeoff_curves.png`` (``raftune compare``'s trade-off plot of them) into ``--out``, the runs under
+``--out/runs``.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad" / "qa.jsonl.gz"
 QUICK = dict(steps=4, batch_size=2, rollout_tokens=8, train_limit=32, heldout=4, max_len=256, monitor_limit=4,
-             monitor_tokens=16, monitor_every=2, budget_warmup=2)
+             monitor_tokens=16, monitor_every=2, budget_warmup=2, budget_monitor_every=2)
 
 
 def split_medquad(data: Path, out: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
@@ -129,11 +131,17 @@ def main() -> None:
     p.add_argument("--lever-weights", default="1,10,100", help="three fixed anchor weights mu")
     p.add_argument("--lever-lrs", default="0.25,0.5,1", help="three learning rates, as multiples of --lr")
     p.add_argument("--budgets", default=None, help="two budgets per method, e.g. 0.02,0.04 (default: --budget-fractions)")
-    p.add_argument("--budget-fractions", default="0.4,0.7", help="budgets as fractions of each method's free drift in (a)")
-    p.add_argument("--budget-warmup", type=int, default=8)
+    p.add_argument("--budget-fractions", default="0.5,0.8", help="budgets as fractions of each method's free drift in (a)")
+    p.add_argument("--budget-warmup", type=int, default=6)
+    p.add_argument("--budget-monitor-every", type=int, default=2,
+                   help="the budget runs' monitor_every: the controller acts at each measurement, and a run of a few "
+                        "dozen steps needs more than a handful of them (the trainer's default is 10, for long runs)")
     p.add_argument("--wise-alphas", default="0.25,0.5,0.75")
     p.add_argument("--parts", default="abcde", help="which parts to run (c and e need a)")
+    p.add_argument("--report", action="store_true", help="only rewrite results.md and the plot from --out's results.json")
     args = p.parse_args()
+    if args.report:
+        return write_report(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
@@ -200,7 +208,8 @@ def main() -> None:
             budgets = ([float(b) for b in args.budgets.split(",")] if args.budgets else
                        [float(f"{f * free:.3g}") for f in map(float, args.budget_fractions.split(","))])
             for b in budgets:
-                r = run(f"{method} B={b:g}", method=method, forgetting_budget=b, budget_warmup=args.budget_warmup)
+                r = run(f"{method} B={b:g}", method=method, forgetting_budget=b, budget_warmup=args.budget_warmup,
+                        monitor_every=args.budget_monitor_every or args.monitor_every)
                 # after the controller's first update (at the first measurement from budget_warmup on)
                 after = [v for s, v in by_step(r, "drift_kl").items() if s > args.budget_warmup] or [by_step(r, "drift_kl")[args.steps]]
                 chosen = json.loads((r / "config.json").read_text())["budget"]
@@ -243,9 +252,68 @@ def main() -> None:
             b["wise_loss_at_equal_drift"] = at
             b["beats_wise"] = None if at is None else b["heldout_loss"] < at
 
+    # every run's last measured point (the monitor's drift and the held-out loss at its last step)
+    results["runs"] = {label: {"dir": str(r), "drift": by_step(r, "drift_kl")[args.steps],
+                               "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]} for label, r in runs.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results) + "\n")
-    print(markdown(results))
+    write_report(results, out)
+
+
+def write_report(results: dict, out: Path) -> None:
+    """results.md (the tables) and tradeoff_curves.png (``raftune compare``'s plot of the same points)."""
+    from raftune.compare import _tradeoff_markdown, plot_tradeoff
+
+    text = markdown(results)
+    t = tradeoff_view(results)
+    if t is not None:
+        text += "\n" + _tradeoff_markdown(t)
+        plot_tradeoff(t, out)
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+
+
+def tradeoff_view(r: dict) -> dict | None:
+    """The points of every part as ``raftune.compare.tradeoff`` gives them (drift KL axis only): domain gain
+    = base held-out loss - the model's; runs at their last step, budgeted runs by the model/ they saved,
+    WiSE-FT mixes measured. None without the base's held-out loss (part e)."""
+    from raftune.compare import pareto_front
+
+    base = r.get("base_heldout_loss")
+    if base is None or "runs" not in r:
+        return None
+    lm = r["settings"]["lever_method"]
+    pts: dict[str, dict] = {"base": {"curve": "base", "setting": {}, "drift": 0.0, "loss": base, "met": None}}
+    seen = set()
+    for label, run in r["runs"].items():
+        method = label.split()[0]
+        if " B=" in label or run["dir"] in seen:
+            continue  # budgets: below, by the model/ each saved; a lever setting equal to (a)'s run is that run
+        seen.add(run["dir"])
+        if " mu=" in label:
+            curve, setting = f"{method} + anchor (fixed mu)", {"mu": float(label.split("mu=")[1])}
+        elif " lr=" in label or (label == lm):
+            curve, setting = f"{method} (lr)", {"lr": float(label.split("lr=")[1]) if " lr=" in label else r["settings"]["lr"]}
+        else:
+            curve, setting = f"{method} (budget)", {"budget": "off"}
+        pts[label] = {"curve": curve, "setting": setting, "drift": run["drift"], "loss": run["heldout_loss"], "met": None}
+    for b in r.get("budgets", []):
+        pts[f"{b['method']} B={b['budget']:g}"] = {"curve": f"{b['method']} (budget)", "setting": {"budget": b["budget"]},
+                                                   "drift": b["drift"], "loss": b["heldout_loss"], "met": b["met"]}
+    for w in r.get("wise", []):
+        if w["alpha"] < 1:
+            pts[f"wise-ft a={w['alpha']:g}"] = {"curve": f"wise-ft of {lm}", "setting": {"alpha": w["alpha"]},
+                                                "drift": w["drift"], "loss": w["heldout_loss"], "met": None}
+    axis = "drift KL"
+    points = {label: {"curve": p["curve"], "setting": p["setting"], "base_domain_loss": base, "domain_loss": p["loss"],
+                      "budget_met": p["met"], "domain_gain": base - p["loss"], axis: p["drift"]} for label, p in pts.items()}
+    points["base"]["domain_gain"] = 0.0
+    front = pareto_front({label: (p[axis], p["domain_gain"]) for label, p in points.items()})
+    for label, p in points.items():
+        p["pareto"] = {axis: label in front}
+    curves: dict[str, list[str]] = {}
+    for label, p in points.items():
+        curves.setdefault(p["curve"], []).append(label)
+    return {"axes": [axis], "points": points, "curves": curves, "front": {axis: front}, "notes": []}
 
 
 def markdown(r: dict) -> str:
