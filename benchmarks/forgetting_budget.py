@@ -160,12 +160,14 @@ def main() -> None:
     results: dict = {"settings": {k: v for k, v in vars(args).items()}, "monitor_every_default": MONITOR_EVERY}
     runs: dict[str, Path] = {}
     made: dict[str, Path] = {}  # settings -> run: a lever setting equal to (a)'s run is that run
+    where: dict[str, dict] = {}  # label -> the curve it is a point of, and its setting there (the trade-off view)
 
-    def run(label: str, **kw) -> Path:
+    def run(label: str, curve: str, setting: dict, **kw) -> Path:
         key = json.dumps({**common, **kw}, sort_keys=True)
         if key in made:
             runs[label] = made[key]
             return made[key]
+        where[label] = {"curve": curve, "setting": setting}
         t0 = time.perf_counter()
         runs[label] = made[key] = train(TrainConfig(**{**common, **kw}), progress=False)
         print(f"  {label}: {time.perf_counter() - t0:.0f} s  drift per step "
@@ -175,8 +177,9 @@ def main() -> None:
     # --- (a) the monitor during SFT and RAFT
     if "a" in args.parts or "c" in args.parts or "e" in args.parts:
         print("(a) monitor", flush=True)
-        for method in ("sft", "raft"):
-            run(method, method=method)
+        for method in ("sft", "raft"):  # the lever method's run is also its lr curve's point at --lr
+            run(method, *((f"{method} (lr)", {"lr": args.lr}) if method == args.lever_method
+                          else (f"{method} (budget)", {"budget": "off"})), method=method)
         results["monitor"] = {m: by_step(runs[m], "drift_kl") for m in ("sft", "raft")}
     measure = Measure(args.model, next(iter(runs.values()), out) / "monitor_answers.json", heldout_file, args.max_len,
                       args.device) if runs else None
@@ -186,11 +189,13 @@ def main() -> None:
         print("(b) levers", flush=True)
         lever = {"anchor_weight": [], "lr": []}
         for mu in [float(x) for x in args.lever_weights.split(",")]:
-            r = run(f"{args.lever_method} mu={mu:g}", method=args.lever_method, anchor_weight=mu)
+            r = run(f"{args.lever_method} mu={mu:g}", f"{args.lever_method} + anchor (fixed mu)", {"mu": mu},
+                    method=args.lever_method, anchor_weight=mu)
             lever["anchor_weight"].append({"setting": mu, "drift": by_step(r, "drift_kl")[args.steps],
                                            "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]})
         for f in [float(x) for x in args.lever_lrs.split(",")]:
-            r = run(f"{args.lever_method} lr={f * args.lr:g}", method=args.lever_method, **({"lr": f * args.lr} if f != 1 else {}))
+            r = run(f"{args.lever_method} lr={f * args.lr:g}", f"{args.lever_method} (lr)", {"lr": f * args.lr},
+                    method=args.lever_method, **({"lr": f * args.lr} if f != 1 else {}))
             lever["lr"].append({"setting": f * args.lr, "drift": by_step(r, "drift_kl")[args.steps],
                                 "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]})
         for name, pts in lever.items():
@@ -208,7 +213,8 @@ def main() -> None:
             budgets = ([float(b) for b in args.budgets.split(",")] if args.budgets else
                        [float(f"{f * free:.3g}") for f in map(float, args.budget_fractions.split(","))])
             for b in budgets:
-                r = run(f"{method} B={b:g}", method=method, forgetting_budget=b, budget_warmup=args.budget_warmup,
+                r = run(f"{method} B={b:g}", f"{method} (budget)", {"budget": b}, method=method, forgetting_budget=b,
+                        budget_warmup=args.budget_warmup,
                         monitor_every=args.budget_monitor_every or args.monitor_every)
                 # after the controller's first update (at the first measurement from budget_warmup on)
                 after = [v for s, v in by_step(r, "drift_kl").items() if s > args.budget_warmup] or [by_step(r, "drift_kl")[args.steps]]
@@ -252,9 +258,12 @@ def main() -> None:
             b["wise_loss_at_equal_drift"] = at
             b["beats_wise"] = None if at is None else b["heldout_loss"] < at
 
-    # every run's last measured point (the monitor's drift and the held-out loss at its last step)
+    # every run's last measured point (the monitor's drift and the held-out loss at its last step), its curve
+    # and setting; a label whose settings were an earlier label's run is that run, and says so
+    first = {str(runs[label]): label for label in reversed(where)}
     results["runs"] = {label: {"dir": str(r), "drift": by_step(r, "drift_kl")[args.steps],
-                               "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]} for label, r in runs.items()}
+                               "heldout_loss": by_step(r, "eval_domain_loss")[args.steps],
+                               **(where[label] if label in where else {"same_as": first[str(r)]})} for label, r in runs.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out)
 
@@ -276,44 +285,25 @@ def tradeoff_view(r: dict) -> dict | None:
     """The points of every part as ``raftune.compare.tradeoff`` gives them (drift KL axis only): domain gain
     = base held-out loss - the model's; runs at their last step, budgeted runs by the model/ they saved,
     WiSE-FT mixes measured. None without the base's held-out loss (part e)."""
-    from raftune.compare import pareto_front
+    from raftune.compare import tradeoff_of
 
     base = r.get("base_heldout_loss")
     if base is None or "runs" not in r:
         return None
-    lm = r["settings"]["lever_method"]
-    pts: dict[str, dict] = {"base": {"curve": "base", "setting": {}, "drift": 0.0, "loss": base, "met": None}}
-    seen = set()
-    for label, run in r["runs"].items():
-        method = label.split()[0]
-        if " B=" in label or run["dir"] in seen:
-            continue  # budgets: below, by the model/ each saved; a lever setting equal to (a)'s run is that run
-        seen.add(run["dir"])
-        if " mu=" in label:
-            curve, setting = f"{method} + anchor (fixed mu)", {"mu": float(label.split("mu=")[1])}
-        elif " lr=" in label or (label == lm):
-            curve, setting = f"{method} (lr)", {"lr": float(label.split("lr=")[1]) if " lr=" in label else r["settings"]["lr"]}
-        else:
-            curve, setting = f"{method} (budget)", {"budget": "off"}
-        pts[label] = {"curve": curve, "setting": setting, "drift": run["drift"], "loss": run["heldout_loss"], "met": None}
-    for b in r.get("budgets", []):
-        pts[f"{b['method']} B={b['budget']:g}"] = {"curve": f"{b['method']} (budget)", "setting": {"budget": b["budget"]},
-                                                   "drift": b["drift"], "loss": b["heldout_loss"], "met": b["met"]}
+    pts = {"base": {"curve": "base", "setting": {}, "drift": 0.0, "heldout_loss": base, "met": None}}
+    pts |= {label: {**run, "met": None} for label, run in r["runs"].items() if "same_as" not in run}
+    for b in r.get("budgets", []):  # the same labels as their runs: each by the model/ it saved
+        label = f"{b['method']} B={b['budget']:g}"
+        pts[label] = {**pts[label], "drift": b["drift"], "heldout_loss": b["heldout_loss"], "met": b["met"]}
     for w in r.get("wise", []):
         if w["alpha"] < 1:
-            pts[f"wise-ft a={w['alpha']:g}"] = {"curve": f"wise-ft of {lm}", "setting": {"alpha": w["alpha"]},
-                                                "drift": w["drift"], "loss": w["heldout_loss"], "met": None}
+            pts[f"wise-ft a={w['alpha']:g}"] = {"curve": f"wise-ft of {r['settings']['lever_method']}",
+                                                "setting": {"alpha": w["alpha"]}, "met": None, **w}
     axis = "drift KL"
-    points = {label: {"curve": p["curve"], "setting": p["setting"], "base_domain_loss": base, "domain_loss": p["loss"],
-                      "budget_met": p["met"], "domain_gain": base - p["loss"], axis: p["drift"]} for label, p in pts.items()}
-    points["base"]["domain_gain"] = 0.0
-    front = pareto_front({label: (p[axis], p["domain_gain"]) for label, p in points.items()})
-    for label, p in points.items():
-        p["pareto"] = {axis: label in front}
-    curves: dict[str, list[str]] = {}
-    for label, p in points.items():
-        curves.setdefault(p["curve"], []).append(label)
-    return {"axes": [axis], "points": points, "curves": curves, "front": {axis: front}, "notes": []}
+    points = {label: {"curve": p["curve"], "setting": p["setting"], "base_domain_loss": base, "domain_loss": p["heldout_loss"],
+                      "budget_met": p["met"], "domain_gain": base - p["heldout_loss"], axis: p["drift"]}
+              for label, p in pts.items()}
+    return tradeoff_of(points, [axis])
 
 
 def markdown(r: dict) -> str:

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from raftune import outputs
@@ -658,18 +659,27 @@ def tradeoff(table: dict, runs: dict[str, dict], points: dict[str, dict] | None 
     if befores and max(befores.values()) - min(befores.values()) > _BASE_LOSS_RTOL * min(befores.values()):
         notes.append("the held-out losses the gains start from differ (" + ", ".join(f"{k} {v:.4g}" for k, v in befores.items())
                      + "): not all runs measured their domain loss on the same data, or from the same model")
-    front = {}
-    for axis in FORGETTING:
-        xy = {label: (p[axis], p["domain_gain"]) for label, p in out.items() if p[axis] is not None and p["domain_gain"] is not None}
-        front[axis] = pareto_front(xy) if len(xy) > 1 else []  # the base alone is no trade-off
-        for label, p in out.items():
-            p.setdefault("pareto", {})[axis] = (label in front[axis]) if label in xy and front[axis] else None
-    curves: dict[str, list[str]] = {}
-    for label, p in out.items():
-        curves.setdefault(p["curve"], []).append(label)
     for note in notes:
         log.warning("trade-off: %s", note)
-    return {"axes": list(FORGETTING), "points": out, "curves": curves, "front": front, "notes": notes}
+    return tradeoff_of(out, FORGETTING, notes)
+
+
+def tradeoff_of(points: dict[str, dict], axes: Sequence[str], notes: Sequence[str] = ()) -> dict:
+    """The trade-off of ``points`` (label -> ``{"curve", "setting", "domain_gain", <axis>: forgetting, ...}``,
+    the base among them at the origin), as ``tradeoff`` returns it: each point's Pareto flag per axis
+    (set in place; None where it lacks the axis or the gain, or where no front can be had), the front of
+    each axis and the labels of each curve in order."""
+    front = {}
+    for axis in axes:
+        xy = {label: (p[axis], p["domain_gain"]) for label, p in points.items()
+              if p.get(axis) is not None and p["domain_gain"] is not None}
+        front[axis] = pareto_front(xy) if len(xy) > 1 else []  # the base alone is no trade-off
+        for label, p in points.items():
+            p.setdefault("pareto", {})[axis] = (label in front[axis]) if label in xy and front[axis] else None
+    curves: dict[str, list[str]] = {}
+    for label, p in points.items():
+        curves.setdefault(p["curve"], []).append(label)
+    return {"axes": list(axes), "points": points, "curves": curves, "front": front, "notes": list(notes)}
 
 
 def _tradeoff_markdown(t: dict) -> str:
