@@ -23,6 +23,7 @@ tensors (the paper reports RAFT 0.0458 vs SFT 0.0524 on SmolLM3-3B).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -300,6 +301,7 @@ class Forgetting:
         self.points: list[dict] = []  # the budget's measured points: step, drift, held-out loss
         self.best: dict | None = None  # the best point within the budget so far, its weights kept aside
         self.last: float | None = None  # the latest drift (the progress bar)
+        self._original_h: list[torch.Tensor] = []  # the original's hidden states at the monitor's answer tokens (_scorer)
         self.answers_s = 0.0  # seconds spent making the original's answers in this process
         src = prompt_sources(cfg)
         prompts = {k: load_general_prompts(v, limit=cfg.monitor_limit) for k, v in src.items() if v}
@@ -399,15 +401,28 @@ class Forgetting:
     # --- the monitor
 
     def _scorer(self, module, original: bool) -> Scorer:
-        """A scorer of the trainer's ``TokenLosses`` ``module`` (its forward: DDP's and FSDP's hooks run)."""
+        """A scorer of the trainer's ``TokenLosses`` ``module`` (its forward: DDP's and FSDP's hooks run).
+        The original's hidden states at the answer tokens are the same at every measurement (it never
+        changes): made at the first, kept (``_original_h``, one (B, L, D) tensor per batch of
+        ``MONITOR_BATCH`` prompts), and only its head runs again, so a measurement costs one forward, the
+        student's, not two. The same tensors as a fresh forward: the value stays the suite's exactly."""
         lm = self.lm if module is self.model else module.lm
         head = lm.get_output_embeddings()
         dev = self.acc.device if module is self.model else _device(module)
         off = self._original_off if original else contextlib.nullcontext
+        batches = itertools.count()  # drift_per_prompt scores the batches in order, once each
 
         def score(ids_BT: torch.Tensor, attn_BT: torch.Tensor, pos_BL: torch.Tensor) -> Logits:
-            with off():
-                h_BLD = module("hidden", ids_BT.to(dev), attn_BT.to(dev), pos=pos_BL.to(dev), chunk=MONITOR_CHUNK)
+            i = next(batches)
+            if original and i < len(self._original_h):
+                h_BLD = self._original_h[i]
+                if h_BLD.shape[:2] != pos_BL.shape:
+                    raise AssertionError(f"monitor batch {i}: kept hidden states {tuple(h_BLD.shape)}, positions {tuple(pos_BL.shape)}")
+            else:
+                with off():
+                    h_BLD = module("hidden", ids_BT.to(dev), attn_BT.to(dev), pos=pos_BL.to(dev), chunk=MONITOR_CHUNK)
+                if original:
+                    self._original_h.append(h_BLD)
 
             def logits(sl: slice) -> torch.Tensor:
                 with off():
