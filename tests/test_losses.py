@@ -575,7 +575,27 @@ def test_controller_raises_mu_over_budget_and_lowers_it_under():
     under = [c.update(d, step) for step, d in enumerate([0.04, 0.02, 0.0], start=4)]
     assert over[2] > under[0] > under[1] > under[2]
     assert under[2] / under[1] == pytest.approx(math.exp(-0.5), rel=1e-12)  # (0 - 0.05) / 0.05 = -1
-    assert c.update(0.05, 7) == pytest.approx(under[2], rel=1e-12)  # on budget: no change
+    on = c.update(0.05, 7)  # on budget, but risen from 0: the derivative term alone, (0.05 - 0) / 0.05 = 1
+    assert on == pytest.approx(under[2] * math.exp(0.5), rel=1e-12)
+    assert c.update(0.05, 8) == pytest.approx(on, rel=1e-12)  # on budget and steady: no change
+    plain = controller(derivative=0.0)  # plain dual ascent: the error alone
+    assert [plain.update(d, s) for s, d in ((1, 0.02), (2, 0.05))] == [pytest.approx(math.exp(-0.3), rel=1e-12)] * 2
+
+
+def test_controller_acts_on_a_rising_drift_before_it_crosses_the_budget():
+    """The derivative term: a drift climbing toward B raises mu ahead of the crossing, where plain dual
+    ascent would still be lowering it; over budget mu never falls, however fast the drift comes down."""
+    rising = [0.01, 0.02, 0.035, 0.045]  # under B = 0.05 throughout
+    pid, plain = controller(), controller(derivative=0.0)
+    mus = [pid.update(d, s) for s, d in enumerate(rising, start=1)]
+    assert mus[0] < 1.0 and mus[-1] > mus[-2]  # the last rise, 0.01 / 0.05 = 0.2, outweighs the error, -0.1
+    assert mus[-1] / mus[-2] == pytest.approx(math.exp(0.5 * (-0.1 + 0.2)), rel=1e-12)
+    plain_mus = [plain.update(d, s) for s, d in enumerate(rising, start=1)]
+    assert all(b < a for a, b in zip([1.0] + plain_mus, plain_mus))  # every error < 0: plain ascent only lowers it
+    assert mus[-1] > plain_mus[-1]
+    falling = controller(mu=4.0)
+    over = [falling.update(d, s) for s, d in enumerate([0.2, 0.06, 0.051], start=1)]
+    assert over[0] < over[1] < over[2]  # a falling drift gives no negative derivative term
 
 
 def test_controller_stays_within_its_bounds_and_each_step_is_bounded():

@@ -254,3 +254,14 @@ def test_a_budget_run_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
     assert budget[0] == budget[1]
     a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_the_controllers_derivative_is_in_the_run_key_only_with_a_budget(tmp_path, tiny_model_dir):
+    """budget_derivative changes nothing without a budget: runs of other settings keep their folders (and
+    are reused); with a budget it is another run."""
+    def folder(**kw) -> str:
+        return train(cfg(tmp_path, tiny_model_dir, method="sft", max_steps=1, **kw), progress=False).name
+
+    assert folder(monitor_every=0) == folder(monitor_every=0, budget_derivative=0.0)
+    budget = dict(forgetting_budget=0.5, monitor_every=1, **SMALL)
+    assert folder(**budget) != folder(**budget, budget_derivative=0.0)

@@ -297,7 +297,7 @@ class Forgetting:
             raise AssertionError("no original model in memory: build_models makes a frozen copy for the monitor")
         self.controller = None if cfg.forgetting_budget is None else BudgetController(
             cfg.forgetting_budget, cfg.anchor_weight if cfg.anchor_weight is not None else 1.0, cfg.budget_rate,
-            cfg.anchor_weight_bounds, cfg.budget_warmup)
+            cfg.anchor_weight_bounds, cfg.budget_warmup, cfg.budget_derivative)
         self.points: list[dict] = []  # the budget's measured points: step, drift, held-out loss
         self.best: dict | None = None  # the best point within the budget so far, its weights kept aside
         self.last: float | None = None  # the latest drift (the progress bar)

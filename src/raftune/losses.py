@@ -395,18 +395,26 @@ def chunked_anchor_kl(hidden_BTD: Tensor, lm_head: LMHead, original_logp_BTV: Te
 # --- the forgetting budget's controller ------------------------------------------------------------
 
 class BudgetController:
-    """mu, the anchor's weight, kept by projected dual ascent on the constraint drift <= B.
+    """mu, the anchor's weight, kept by projected dual ascent on the constraint drift <= B, with a
+    derivative term on the drift's rise.
 
     At each measurement of the monitored drift d (``raftune.forgetting``) from step ``warmup`` on:
-    log mu <- log mu + rate * clip((d - B) / B, -1, 1), then mu is projected onto [mu_min, mu_max].
+    log mu <- log mu + rate * clip((d - B + derivative * max(d - d_prev, 0)) / B, -1, 1), then mu is
+    projected onto [mu_min, mu_max]; d_prev is the measurement before (warm-up and step 0 included).
     Over budget mu grows, under it mu shrinks (domain learning gets room back), each measurement by
     at most a factor e^rate. In log space because the weight that holds a budget spans orders of
     magnitude across models, methods and budgets: multiplicative steps reach any of them in a few
     measurements and mu stays > 0. The relative error (d - B) / B makes the rate mean the same for
-    every budget. Before ``warmup`` (and at step 0, where d = 0 by construction) mu stays where it starts.
+    every budget. The derivative term is the D of a PID Lagrangian (Stooke, Achiam and Abbeel 2020,
+    "Responsive Safety in Reinforcement Learning by PID Lagrangian Methods"): a multiplier that only
+    integrates the error lags a constraint that rises fast, and the drift overshoots before mu has
+    grown (measured: RAFT, whose drift jumps in its first steps, docs/forgetting-budget/); on the rise
+    only, so that over budget mu never falls. 0 is plain dual ascent. Before ``warmup`` (and at step 0,
+    where d = 0 by construction) mu stays where it starts.
     """
 
-    def __init__(self, budget: float, mu: float, rate: float, bounds: tuple[float, float], warmup: int = 0):
+    def __init__(self, budget: float, mu: float, rate: float, bounds: tuple[float, float], warmup: int = 0,
+                 derivative: float = 1.0):
         lo, hi = (float(b) for b in bounds)
         if not (math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
@@ -414,18 +422,24 @@ class BudgetController:
             raise ValueError(f"bounds must be 0 < mu_min <= mu_max < inf, got {bounds!r}")
         if not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+        if not (math.isfinite(derivative) and derivative >= 0):
+            raise ValueError(f"derivative must be a finite number >= 0, got {derivative!r}")
         self.budget, self.rate, self.bounds, self.warmup = float(budget), float(rate), (lo, hi), int(warmup)
+        self.derivative = float(derivative)
         self.mu = min(max(float(mu), lo), hi)
         self.updates = 0
+        self.prev: float | None = None  # the drift measured before
 
     def update(self, drift: float, step: int) -> float:
         """Fold in the drift measured after ``step`` optimizer steps; returns mu for the steps that follow."""
         drift = float(drift)
         if not math.isfinite(drift):
             raise ValueError(f"drift must be finite, got {drift}")
+        prev, self.prev = self.prev, drift
         if step < max(self.warmup, 1):
             return self.mu
-        error = min(max((drift - self.budget) / self.budget, -1.0), 1.0)
+        rise = max(drift - prev, 0.0) if prev is not None else 0.0
+        error = min(max((drift - self.budget + self.derivative * rise) / self.budget, -1.0), 1.0)
         lo, hi = self.bounds
         self.mu = min(max(self.mu * math.exp(self.rate * error), lo), hi)
         self.updates += 1
@@ -434,11 +448,12 @@ class BudgetController:
     def state_dict(self) -> dict:
         """Plain numbers (JSON-serializable); `load_state_dict` resumes exactly."""
         return {"budget": self.budget, "rate": self.rate, "bounds": list(self.bounds), "warmup": self.warmup,
-                "mu": self.mu, "updates": self.updates}
+                "derivative": self.derivative, "mu": self.mu, "updates": self.updates, "prev": self.prev}
 
     def load_state_dict(self, d: dict) -> None:
         mine = self.state_dict()
-        if any(d.get(k) != mine[k] for k in ("budget", "rate", "bounds", "warmup")):
-            raise ValueError(f"saved controller has budget={d.get('budget')}, rate={d.get('rate')}, bounds={d.get('bounds')}, "
-                             f"warmup={d.get('warmup')}; this one {mine['budget']}, {mine['rate']}, {mine['bounds']}, {mine['warmup']}")
-        self.mu, self.updates = float(d["mu"]), int(d["updates"])
+        settings = ("budget", "rate", "bounds", "warmup", "derivative")
+        if any(d.get(k) != mine[k] for k in settings):
+            raise ValueError("saved controller has " + ", ".join(f"{k}={d.get(k)}" for k in settings) + "; this one "
+                             + ", ".join(f"{k}={mine[k]}" for k in settings))
+        self.mu, self.updates, self.prev = float(d["mu"]), int(d["updates"]), d["prev"]

@@ -196,7 +196,10 @@ class TrainConfig:
     anchor_batch: Positive = field(default=4, metadata={"help": "anchor prompts per step and process (a seeded cycle)"})
     budget_warmup: NonNegative = field(default=0, metadata={"help": "steps before the controller first adapts mu"})
     budget_rate: PositiveFloat = field(default=1.0, metadata={
-        "help": "eta: log mu += eta * clip((drift - budget) / budget, -1, 1) at each measurement"})
+        "help": "eta: log mu += eta * clip((drift - budget + k_d * rise) / budget, -1, 1) at each measurement"})
+    budget_derivative: NonNegativeFloat = field(default=1.0, metadata={
+        "help": "k_d: the weight of the drift's rise since the last measurement in the controller's error (0: plain "
+                "dual ascent)"})
     anchor_weight_bounds: tuple[PositiveFloat, PositiveFloat] = field(default=(0.01, 100.0), metadata={
         "help": "[mu_min, mu_max]: the controller's range for mu"})
     # --- bookkeeping
@@ -427,7 +430,9 @@ def _train(cfg: TrainConfig, progress: bool, hold: contextlib.ExitStack) -> Path
     # what the run computes: its settings and the content of the models and data it reads (a model
     # replaced at the same path is another run, never the resumption of this one)
     # the batch counted over all processes: a run stopped under FSDP on 2 processes at batch 2 resumes on 1 at batch 4
-    made_of = {"settings": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution},
+    # a setting that changes nothing without a budget, and came after runs of the others: in their key only with one
+    budget_only = () if cfg.forgetting_budget is not None else ("budget_derivative",)
+    made_of = {"settings": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in execution + budget_only},
                             "batch_size": cfg.batch_size * acc.num_processes},
                "models": [outputs.model_fingerprint(m) for m in (cfg.model, cfg.teacher_model)],
                "data": [outputs.data_fingerprint(d) for d in (cfg.data, cfg.eval_data, cfg.replay_data,
