@@ -308,7 +308,16 @@ def end_to_end_ifeval(folder: Path, prompts: list[IFEvalPrompt], responses: dict
     keys = [s["doc"]["key"] for s in samples]
     same = sum(theirs[k].strip() == responses[k] for k in keys)
     ours = score([by_key[k] for k in keys], [theirs[k] for k in keys])
-    return {"seconds": seconds, "n": len(keys), "same_responses": same,
+    diffs = []  # every instruction verdict lm-eval logged that raftune's scorer gives otherwise, on the same response
+    for k, sample, mine in zip(keys, samples, ours["per_prompt"]):
+        p = by_key[k]
+        for kind in KINDS:
+            for i, (iid, kw) in enumerate(zip(p.instruction_ids, p.kwargs)):
+                if mine[kind][i] != sample[f"inst_level_{kind}_acc"][i]:
+                    diffs.append({"key": k, "instruction": iid, "kind": kind, "raftune": mine[kind][i],
+                                  "lm_eval": sample[f"inst_level_{kind}_acc"][i], "cause": known_cause(iid, kw),
+                                  "response": theirs[k][:80]})
+    return {"seconds": seconds, "n": len(keys), "same_responses": same, "differences": diffs,
             "lm_eval": {f: metrics[m] for f, m in zip(FIGURES, ("prompt_level_strict_acc,none", "inst_level_strict_acc,none",
                                                                "prompt_level_loose_acc,none", "inst_level_loose_acc,none"))},
             "raftune_on_same": {f: ours[f] for f in FIGURES},
@@ -391,7 +400,10 @@ def _print_ifeval(title: str, result: dict) -> None:
     for who in ("raftune", "lm_eval"):
         print(f"{who:10}" + "".join(f"{result[who][f]:>20.4f}" for f in FIGURES))
     print(f"scoring time: raftune {result['seconds']['raftune']:.1f} s, lm-eval {result['seconds']['lm_eval']:.1f} s")
-    diffs = result["differences"]
+    _print_differences(result["differences"])
+
+
+def _print_differences(diffs: list[dict]) -> None:
     print(f"differing instruction verdicts: {len(diffs)} "
           f"({sum(d['cause'] is not None for d in diffs)} with a known cause)")
     for d in diffs[:40]:
@@ -444,6 +456,7 @@ def main():
                   f"{e2e['same_responses']}/{e2e['n']} responses equal to the cached ones")
             for who in ("lm_eval", "raftune_on_same"):
                 print(f"  {who:16}" + "".join(f"{e2e[who][f]:>20.4f}" for f in FIGURES))
+            _print_differences(e2e["differences"])
 
     if not args.skip_mmlu:
         from raftune.models import load_model_and_tokenizer
