@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--budgets", default=None, help="two budgets per method, e.g. 0.02,0.04 (default: --budget-fractions)")
     p.add_argument("--budget-fractions", default="0.5,0.8", help="budgets as fractions of each method's free drift in (a)")
     p.add_argument("--budget-warmup", type=int, default=6)
+    p.add_argument("--budget-derivative", type=float, default=1.0, help="the controller's k_d (0: plain dual ascent)")
     p.add_argument("--budget-monitor-every", type=int, default=2,
                    help="the budget runs' monitor_every: the controller acts at each measurement, and a run of a few "
                         "dozen steps needs more than a handful of them (the trainer's default is 10, for long runs)")
@@ -214,7 +215,7 @@ def main() -> None:
                        [float(f"{f * free:.3g}") for f in map(float, args.budget_fractions.split(","))])
             for b in budgets:
                 r = run(f"{method} B={b:g}", f"{method} (budget)", {"budget": b}, method=method, forgetting_budget=b,
-                        budget_warmup=args.budget_warmup,
+                        budget_warmup=args.budget_warmup, budget_derivative=args.budget_derivative,
                         monitor_every=args.budget_monitor_every or args.monitor_every)
                 # after the controller's first update (at the first measurement from budget_warmup on)
                 after = [v for s, v in by_step(r, "drift_kl").items() if s > args.budget_warmup] or [by_step(r, "drift_kl")[args.steps]]
@@ -322,8 +323,12 @@ def markdown(r: dict) -> str:
         for name, lev in r["levers"].items():
             lines += [f"| {name} | {pt['setting']:g} | {pt['drift']:.4f} | {pt['heldout_loss']:.4f} |" for pt in lev["points"]]
         lines += ["", "monotone: " + ", ".join(f"{n} {'yes' if lev['monotone'] else 'no'}" for n, lev in r["levers"].items()), ""]
+        if "levers_from" in r:
+            lines += [f"(b) is {r['levers_from']}", ""]
     if "budgets" in r:
-        lines += ["(c) budgets (drift after warm-up, model/ measured afterwards)", "",
+        lines += [f"(c) budgets (drift after warm-up, model/ measured afterwards; the controller's k_d "
+                  f"{s.get('budget_derivative', 0.0):g}, warm-up {s['budget_warmup']} steps, a measurement every "
+                  f"{s['budget_monitor_every']} steps)", "",
                   "| method | budget | free drift | mean drift after warm-up | / budget | met | model/ step | model/ drift | "
                   "model/ held-out loss | WiSE-FT of SFT at equal drift | beats WiSE-FT |", "|---|" + "---|" * 10]
         for b in r["budgets"]:

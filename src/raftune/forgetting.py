@@ -405,23 +405,27 @@ class Forgetting:
         The original's hidden states at the answer tokens are the same at every measurement (it never
         changes): made at the first, kept (``_original_h``, one (B, L, D) tensor per batch of
         ``MONITOR_BATCH`` prompts), and only its head runs again, so a measurement costs one forward, the
-        student's, not two. The same tensors as a fresh forward: the value stays the suite's exactly."""
+        student's, not two. The same tensors as a fresh forward: the value stays the suite's exactly.
+        Not where the original is sharded (FSDP): its head's weight is whole only after its own forward."""
+        from raftune.distributed import is_sharded
+
         lm = self.lm if module is self.model else module.lm
         head = lm.get_output_embeddings()
         dev = self.acc.device if module is self.model else _device(module)
         off = self._original_off if original else contextlib.nullcontext
         batches = itertools.count()  # drift_per_prompt scores the batches in order, once each
+        keep = original and not is_sharded(module)
 
         def score(ids_BT: torch.Tensor, attn_BT: torch.Tensor, pos_BL: torch.Tensor) -> Logits:
             i = next(batches)
-            if original and i < len(self._original_h):
+            if keep and i < len(self._original_h):
                 h_BLD = self._original_h[i]
                 if h_BLD.shape[:2] != pos_BL.shape:
                     raise AssertionError(f"monitor batch {i}: kept hidden states {tuple(h_BLD.shape)}, positions {tuple(pos_BL.shape)}")
             else:
                 with off():
                     h_BLD = module("hidden", ids_BT.to(dev), attn_BT.to(dev), pos=pos_BL.to(dev), chunk=MONITOR_CHUNK)
-                if original:
+                if keep:
                     self._original_h.append(h_BLD)
 
             def logits(sl: slice) -> torch.Tensor:
