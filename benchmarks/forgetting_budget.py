@@ -139,6 +139,10 @@ def main() -> None:
                         "dozen steps needs more than a handful of them (the trainer's default is 10, for long runs)")
     p.add_argument("--wise-alphas", default="0.25,0.5,0.75")
     p.add_argument("--parts", default="abcde", help="which parts to run (c and e need a)")
+    p.add_argument("--levers-from", default=None, metavar="RESULTS_JSON",
+                   help="without part b: take (b) from an earlier results.json made at the same settings (its runs have "
+                        "no budget, so the budget's settings do not change them); refused where a setting differs or its "
+                        "part (a) SFT run does not reproduce")
     p.add_argument("--report", action="store_true", help="only rewrite results.md and the plot from --out's results.json")
     args = p.parse_args()
     if args.report:
@@ -160,17 +164,19 @@ def main() -> None:
                   save_every=10**6, device=args.device, lr=args.lr)
     results: dict = {"settings": {k: v for k, v in vars(args).items()}, "monitor_every_default": MONITOR_EVERY}
     runs: dict[str, Path] = {}
-    made: dict[str, Path] = {}  # settings -> run: a lever setting equal to (a)'s run is that run
-    where: dict[str, dict] = {}  # label -> the curve it is a point of, and its setting there (the trade-off view)
+    made: dict[str, tuple[str, Path]] = {}  # settings -> (first label, run): a lever setting equal to (a)'s run is that run
+    where: dict[str, dict] = {}  # label -> the curve it is a point of and its setting there, or the label it is the same as
 
     def run(label: str, curve: str, setting: dict, **kw) -> Path:
         key = json.dumps({**common, **kw}, sort_keys=True)
         if key in made:
-            runs[label] = made[key]
-            return made[key]
+            where[label] = {"same_as": made[key][0]}
+            runs[label] = made[key][1]
+            return runs[label]
         where[label] = {"curve": curve, "setting": setting}
         t0 = time.perf_counter()
-        runs[label] = made[key] = train(TrainConfig(**{**common, **kw}), progress=False)
+        runs[label] = train(TrainConfig(**{**common, **kw}), progress=False)
+        made[key] = label, runs[label]
         print(f"  {label}: {time.perf_counter() - t0:.0f} s  drift per step "
               + " ".join(f"{s}:{v:.4f}" for s, v in by_step(runs[label], "drift_kl").items()), flush=True)
         return runs[label]
@@ -182,6 +188,8 @@ def main() -> None:
             run(method, *((f"{method} (lr)", {"lr": args.lr}) if method == args.lever_method
                           else (f"{method} (budget)", {"budget": "off"})), method=method)
         results["monitor"] = {m: by_step(runs[m], "drift_kl") for m in ("sft", "raft")}
+        results["runs_a"] = {m: {"drift": by_step(runs[m], "drift_kl")[args.steps],
+                                 "heldout_loss": by_step(runs[m], "eval_domain_loss")[args.steps]} for m in ("sft", "raft")}
     measure = Measure(args.model, next(iter(runs.values()), out) / "monitor_answers.json", heldout_file, args.max_len,
                       args.device) if runs else None
 
@@ -204,6 +212,8 @@ def main() -> None:
             mono = all(a > b for a, b in zip(d, d[1:])) if name == "anchor_weight" else all(a < b for a, b in zip(d, d[1:]))
             lever[name] = {"points": pts, "monotone": mono}
         results["levers"] = lever
+    elif args.levers_from:
+        levers_from(results, Path(args.levers_from), args)
 
     # --- (c) budgets
     if "c" in args.parts:
@@ -241,6 +251,8 @@ def main() -> None:
                                                                                         f"{float(args.lever_weights.split(',')[0]):g}"])
                                          if "lr" in r)
             cost["anchor_step_over_plain"] = anchored / cost[args.lever_method]["step_s"]
+        elif "anchor_step_over_plain" in results.get("levers_cost", {}):
+            cost["anchor_step_over_plain"] = results.pop("levers_cost")["anchor_step_over_plain"]
         results["cost"] = cost
 
     # --- (e) WiSE-FT of SFT, and the comparison at equal drift
@@ -261,12 +273,44 @@ def main() -> None:
 
     # every run's last measured point (the monitor's drift and the held-out loss at its last step), its curve
     # and setting; a label whose settings were an earlier label's run is that run, and says so
-    first = {str(runs[label]): label for label in reversed(where)}
     results["runs"] = {label: {"dir": str(r), "drift": by_step(r, "drift_kl")[args.steps],
-                               "heldout_loss": by_step(r, "eval_domain_loss")[args.steps],
-                               **(where[label] if label in where else {"same_as": first[str(r)]})} for label, r in runs.items()}
+                               "heldout_loss": by_step(r, "eval_domain_loss")[args.steps], **where[label]}
+                       for label, r in runs.items()} | results.pop("lever_runs", {})
+    results.pop("runs_a", None)  # in "runs" too
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(results, out)
+
+
+# settings that do not change part (b)'s runs: where it is written, which parts run, and the budget's settings
+NOT_LEVERS = {"quick", "out", "parts", "report", "levers_from", "budgets", "budget_fractions", "budget_warmup",
+              "budget_derivative", "budget_monitor_every", "wise_alphas"}
+
+
+def levers_from(results: dict, path: Path, args) -> None:
+    """Part (b) of an earlier results.json into ``results``: its levers, its lever runs and the anchor's cost,
+    after checking that it was made at the same settings and that its (a) SFT run (the lr curve's point at --lr)
+    is the one this run just made, drift and held-out loss equal."""
+    old = json.loads(path.read_text())
+    if "levers" not in old:
+        sys.exit(f"{path}: no part (b) ('levers') to take")
+    differ = {k: (old["settings"].get(k), v) for k, v in results["settings"].items()
+              if k not in NOT_LEVERS and old["settings"].get(k) != v}
+    if differ:
+        sys.exit(f"{path}: made at other settings, so its part (b) is not this run's: "
+                 + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
+    mine, theirs = results["runs_a"]["sft"], old["runs"]["sft"]
+    if (mine["drift"], mine["heldout_loss"]) != (theirs["drift"], theirs["heldout_loss"]):
+        sys.exit(f"{path}: its part (a) SFT run ended at drift {theirs['drift']!r}, held-out loss {theirs['heldout_loss']!r}; "
+                 f"this one at {mine['drift']!r}, {mine['heldout_loss']!r}: not reproduced, so run part b here")
+    lever_curves = {f"{args.lever_method} + anchor (fixed mu)", f"{args.lever_method} (lr)"}
+    results["levers"] = old["levers"]
+    results["lever_runs"] = {label: {**r, "from": str(path)} for label, r in old["runs"].items()
+                             if label not in ("sft", "raft") and (r.get("curve") in lever_curves or r.get("same_as"))}
+    if "anchor_step_over_plain" in old.get("cost", {}):
+        results["levers_cost"] = {"anchor_step_over_plain": old["cost"]["anchor_step_over_plain"]}
+    results["levers_from"] = (f"taken from {path}: the same settings, its part (a) SFT run reproduced here bit for bit "
+                              f"(drift {mine['drift']:.6f}, held-out loss {mine['heldout_loss']:.6f}); (b) has no budget, "
+                              "so the budget's settings do not change it")
 
 
 def write_report(results: dict, out: Path) -> None:
