@@ -284,6 +284,7 @@ def main() -> None:
 # settings that do not change part (b)'s runs: where it is written, which parts run, and the budget's settings
 NOT_LEVERS = {"quick", "out", "parts", "report", "levers_from", "budgets", "budget_fractions", "budget_warmup",
               "budget_derivative", "budget_monitor_every", "wise_alphas"}
+REPRODUCED_REL = 1e-5  # part (a)'s SFT run, drift and held-out loss, against the earlier file's: fp32 rounding only
 
 
 def levers_from(results: dict, path: Path, args) -> None:
@@ -299,17 +300,22 @@ def levers_from(results: dict, path: Path, args) -> None:
         sys.exit(f"{path}: made at other settings, so its part (b) is not this run's: "
                  + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
     mine, theirs = results["runs_a"]["sft"], old["runs"]["sft"]
-    if (mine["drift"], mine["heldout_loss"]) != (theirs["drift"], theirs["heldout_loss"]):
+    # another machine's CPU kernels round fp32 reductions differently (measured: drift 0.027219766 there and
+    # 0.027219728 here, rel 1.4e-6, held-out loss rel 3e-8): equal up to that, not a different run
+    rel = {k: abs(mine[k] - theirs[k]) / abs(theirs[k]) for k in ("drift", "heldout_loss")}
+    if max(rel.values()) > REPRODUCED_REL:
         sys.exit(f"{path}: its part (a) SFT run ended at drift {theirs['drift']!r}, held-out loss {theirs['heldout_loss']!r}; "
-                 f"this one at {mine['drift']!r}, {mine['heldout_loss']!r}: not reproduced, so run part b here")
+                 f"this one at {mine['drift']!r}, {mine['heldout_loss']!r}: not reproduced (relative difference over "
+                 f"{REPRODUCED_REL:g}), so run part b here")
     lever_curves = {f"{args.lever_method} + anchor (fixed mu)", f"{args.lever_method} (lr)"}
     results["levers"] = old["levers"]
     results["lever_runs"] = {label: {**r, "from": str(path)} for label, r in old["runs"].items()
                              if label not in ("sft", "raft") and (r.get("curve") in lever_curves or r.get("same_as"))}
     if "anchor_step_over_plain" in old.get("cost", {}):
         results["levers_cost"] = {"anchor_step_over_plain": old["cost"]["anchor_step_over_plain"]}
-    results["levers_from"] = (f"taken from {path}: the same settings, its part (a) SFT run reproduced here bit for bit "
-                              f"(drift {mine['drift']:.6f}, held-out loss {mine['heldout_loss']:.6f}); (b) has no budget, "
+    results["levers_from"] = (f"taken from {path}: the same settings, its part (a) SFT run reproduced here (drift "
+                              f"{mine['drift']:.6f}, held-out loss {mine['heldout_loss']:.6f}; relative differences "
+                              f"{rel['drift']:.1e} and {rel['heldout_loss']:.1e}, fp32 rounding); (b) has no budget, "
                               "so the budget's settings do not change it")
 
 
