@@ -307,10 +307,20 @@ def levers_from(results: dict, path: Path, args) -> None:
         sys.exit(f"{path}: its part (a) SFT run ended at drift {theirs['drift']!r}, held-out loss {theirs['heldout_loss']!r}; "
                  f"this one at {mine['drift']!r}, {mine['heldout_loss']!r}: not reproduced (relative difference over "
                  f"{REPRODUCED_REL:g}), so run part b here")
-    lever_curves = {f"{args.lever_method} + anchor (fixed mu)", f"{args.lever_method} (lr)"}
     results["levers"] = old["levers"]
-    results["lever_runs"] = {label: {**r, "from": str(path)} for label, r in old["runs"].items()
-                             if label not in ("sft", "raft") and (r.get("curve") in lever_curves or r.get("same_as"))}
+    # each lever point as run() labels it, on its curve (a file older than the curves in "runs" has its points only)
+    lm, lever_runs = args.lever_method, {}
+    for name, lev in old["levers"].items():
+        for pt in lev["points"]:
+            label = f"{lm} mu={pt['setting']:g}" if name == "anchor_weight" else f"{lm} lr={pt['setting']:g}"
+            if name == "lr" and pt["setting"] == args.lr:  # (a)'s run, made here
+                where = {"same_as": lm}
+            else:
+                where = ({"curve": f"{lm} + anchor (fixed mu)", "setting": {"mu": pt["setting"]}} if name == "anchor_weight"
+                         else {"curve": f"{lm} (lr)", "setting": {"lr": pt["setting"]}})
+            lever_runs[label] = {"dir": old["runs"].get(label, {}).get("dir"), "drift": pt["drift"],
+                                 "heldout_loss": pt["heldout_loss"], **where, "from": str(path)}
+    results["lever_runs"] = lever_runs
     if "anchor_step_over_plain" in old.get("cost", {}):
         results["levers_cost"] = {"anchor_step_over_plain": old["cost"]["anchor_step_over_plain"]}
     results["levers_from"] = (f"taken from {path}: the same settings, its part (a) SFT run reproduced here (drift "
