@@ -290,7 +290,9 @@ REPRODUCED_REL = 1e-5  # part (a)'s SFT run, drift and held-out loss, against th
 def levers_from(results: dict, path: Path, args) -> None:
     """Part (b) of an earlier results.json into ``results``: its levers, its lever runs and the anchor's cost,
     after checking that it was made at the same settings and that its (a) SFT run (the lr curve's point at --lr)
-    is the one this run just made, drift and held-out loss equal."""
+    is the one this run just made, drift and held-out loss equal up to fp32 rounding."""
+    if "runs_a" not in results:
+        sys.exit("--levers-from checks the earlier file against this run's part (a): run part a (or c or e) too")
     old = json.loads(path.read_text())
     if "levers" not in old:
         sys.exit(f"{path}: no part (b) ('levers') to take")
