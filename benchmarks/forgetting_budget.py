@@ -198,13 +198,12 @@ def main() -> None:
         print("(b) levers", flush=True)
         lever = {"anchor_weight": [], "lr": []}
         for mu in [float(x) for x in args.lever_weights.split(",")]:
-            r = run(f"{args.lever_method} mu={mu:g}", f"{args.lever_method} + anchor (fixed mu)", {"mu": mu},
-                    method=args.lever_method, anchor_weight=mu)
+            r = run(*lever_point(args.lever_method, "anchor_weight", mu), method=args.lever_method, anchor_weight=mu)
             lever["anchor_weight"].append({"setting": mu, "drift": by_step(r, "drift_kl")[args.steps],
                                            "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]})
         for f in [float(x) for x in args.lever_lrs.split(",")]:
-            r = run(f"{args.lever_method} lr={f * args.lr:g}", f"{args.lever_method} (lr)", {"lr": f * args.lr},
-                    method=args.lever_method, **({"lr": f * args.lr} if f != 1 else {}))
+            r = run(*lever_point(args.lever_method, "lr", f * args.lr), method=args.lever_method,
+                    **({"lr": f * args.lr} if f != 1 else {}))
             lever["lr"].append({"setting": f * args.lr, "drift": by_step(r, "drift_kl")[args.steps],
                                 "heldout_loss": by_step(r, "eval_domain_loss")[args.steps]})
         for name, pts in lever.items():
@@ -247,9 +246,8 @@ def main() -> None:
                             "share_at_default": measure_s / (MONITOR_EVERY * step_s + measure_s),
                             "share_at_this_run": measure_s / (args.monitor_every * step_s + measure_s)}
         if "b" in args.parts:  # the anchor's cost: a step with it against one without (mu=0 is (a)'s run)
-            anchored = statistics.median(r["rollout_s"] + r["other_s"] for r in metrics(runs[f"{args.lever_method} mu="
-                                                                                        f"{float(args.lever_weights.split(',')[0]):g}"])
-                                         if "lr" in r)
+            first_mu = lever_point(args.lever_method, "anchor_weight", float(args.lever_weights.split(",")[0]))[0]
+            anchored = statistics.median(r["rollout_s"] + r["other_s"] for r in metrics(runs[first_mu]) if "lr" in r)
             cost["anchor_step_over_plain"] = anchored / cost[args.lever_method]["step_s"]
         elif "anchor_step_over_plain" in results.get("levers_cost", {}):
             cost["anchor_step_over_plain"] = results.pop("levers_cost")["anchor_step_over_plain"]
@@ -284,6 +282,13 @@ def main() -> None:
 # settings that do not change part (b)'s runs: where it is written, which parts run, and the budget's settings
 NOT_LEVERS = {"quick", "out", "parts", "report", "levers_from", "budgets", "budget_fractions", "budget_warmup",
               "budget_derivative", "budget_monitor_every", "wise_alphas"}
+def lever_point(method: str, lever: str, value: float) -> tuple[str, str, dict]:
+    """A lever run's label, its curve and its setting there (part b's runs, and those --levers-from takes)."""
+    if lever == "anchor_weight":
+        return f"{method} mu={value:g}", f"{method} + anchor (fixed mu)", {"mu": value}
+    return f"{method} lr={value:g}", f"{method} (lr)", {"lr": value}
+
+
 REPRODUCED_REL = 1e-5  # part (a)'s SFT run, drift and held-out loss, against the earlier file's: fp32 rounding only
 
 
@@ -314,12 +319,9 @@ def levers_from(results: dict, path: Path, args) -> None:
     lm, lever_runs = args.lever_method, {}
     for name, lev in old["levers"].items():
         for pt in lev["points"]:
-            label = f"{lm} mu={pt['setting']:g}" if name == "anchor_weight" else f"{lm} lr={pt['setting']:g}"
-            if name == "lr" and pt["setting"] == args.lr:  # (a)'s run, made here
-                where = {"same_as": lm}
-            else:
-                where = ({"curve": f"{lm} + anchor (fixed mu)", "setting": {"mu": pt["setting"]}} if name == "anchor_weight"
-                         else {"curve": f"{lm} (lr)", "setting": {"lr": pt["setting"]}})
+            label, curve, setting = lever_point(lm, name, pt["setting"])
+            # the lr point at --lr is (a)'s run, made here
+            where = {"same_as": lm} if name == "lr" and pt["setting"] == args.lr else {"curve": curve, "setting": setting}
             lever_runs[label] = {"dir": old["runs"].get(label, {}).get("dir"), "drift": pt["drift"],
                                  "heldout_loss": pt["heldout_loss"], **where, "from": str(path)}
     results["lever_runs"] = lever_runs
